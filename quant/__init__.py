@@ -1,0 +1,1 @@
+"""Quantization room: analysis, allocation, conversion, cache. Knows nothing of HTTP."""

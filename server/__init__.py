@@ -1,0 +1,1 @@
+"""Serving room: OpenAI-compatible HTTP API over mlx-lm. Knows nothing of metrics or bit allocation."""

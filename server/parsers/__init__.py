@@ -1,0 +1,1 @@
+"""Output parsers (reasoning, tool calls), one small registered class each."""
