@@ -1,1 +1,1 @@
-"""Serving room: OpenAI-compatible HTTP API over mlx-lm. Knows nothing of metrics or bit allocation."""
+"""Serving room: OpenAI-compatible HTTP API over mlx-lm. Knows nothing of bit allocation."""

@@ -1,0 +1,83 @@
+"""The Starlette application: routes, middleware, error handlers, engine lifecycle."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from . import routes
+from .engine import Engine
+from .errors import APIError, error_body
+from .middleware import ApiKeyMiddleware, RequestContextMiddleware
+from .routes import ServerContext
+from .settings import ServerSettings
+
+
+async def _api_error(_request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, APIError)
+    return exc.response()
+
+
+async def _http_error(_request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    messages = {404: "Not found.", 405: "Method not allowed."}
+    message = messages.get(exc.status_code, str(exc.detail))
+    return JSONResponse(error_body(exc.status_code, message), status_code=exc.status_code,
+                        headers=exc.headers)
+
+
+def create_app(
+    settings: ServerSettings, on_engine_failure: Callable[[str], None] | None = None
+) -> Starlette:
+    engine = Engine(settings)
+    context = ServerContext(
+        settings=settings,
+        engine=engine,
+        tokenizer_pool=ThreadPoolExecutor(1, thread_name_prefix="swan-tokenize"),
+        started=int(time.time()),
+    )
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: Starlette) -> AsyncIterator[None]:
+        # The model loads on the generation thread while we already answer /health (503).
+        engine.start(on_failure=on_engine_failure)
+        yield
+        engine.stop()
+        context.tokenizer_pool.shutdown(wait=False, cancel_futures=True)
+
+    middleware = [Middleware(RequestContextMiddleware, metrics=engine.metrics)]
+    if settings.cors_origins:
+        middleware.append(Middleware(
+            CORSMiddleware,
+            allow_origins=list(settings.cors_origins),
+            allow_methods=["GET", "POST", "OPTIONS"],
+            allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
+            expose_headers=["X-Request-ID"],
+        ))
+    if settings.api_key:
+        middleware.append(Middleware(ApiKeyMiddleware, api_key=settings.api_key))
+
+    app = Starlette(
+        routes=[
+            Route("/v1/chat/completions", routes.chat_completions, methods=["POST"]),
+            Route("/v1/completions", routes.completions, methods=["POST"]),
+            Route("/v1/models", routes.list_models, methods=["GET"]),
+            Route("/health", routes.health, methods=["GET"]),
+            Route("/metrics", routes.metrics, methods=["GET"]),
+        ],
+        middleware=middleware,
+        exception_handlers={APIError: _api_error, HTTPException: _http_error},
+        lifespan=lifespan,
+    )
+    app.state.context = context
+    return app

@@ -1,0 +1,155 @@
+"""The engine as the HTTP side sees it: submit, cancel, state, counts. Never blocks.
+
+One generation thread owns MLX (model load included, since arrays and streams belong to
+the thread that evaluates them); see batch_loop.py for what it runs. This side only
+reserves capacity and posts messages to that thread's inbox.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from .errors import APIError
+from .generation import GenerationHandle, SequenceSpec
+from .metrics import ServerMetrics
+from .settings import ServerSettings
+
+log = logging.getLogger("swan_serve.engine")
+
+
+class EngineState(enum.Enum):
+    LOADING = "loading"
+    READY = "ready"
+    FAILED = "failed"
+    STOPPED = "stopped"
+
+
+class Admission:
+    """Sequences counted from submission to their end: the backpressure bound."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self._lock = threading.Lock()
+        self._reserved = 0
+
+    def reserve(self, count: int) -> bool:
+        with self._lock:
+            if self._reserved + count > self.capacity:
+                return False
+            self._reserved += count
+            return True
+
+    def release(self, count: int = 1) -> None:
+        with self._lock:
+            self._reserved -= count
+
+
+class Engine:
+    def __init__(self, settings: ServerSettings):
+        self.settings = settings
+        self.state = EngineState.LOADING
+        self.failure: str | None = None
+        self.admission = Admission(settings.max_concurrency + settings.max_queue)
+        self.metrics = ServerMetrics(
+            queue_depth=lambda: self.waiting_count, active_sequences=lambda: self.active_count
+        )
+        # Written by the generation thread after every step, read by /metrics.
+        self.active_count = 0
+        self.waiting_count = 0
+        # Set once the model is loaded.
+        self.tokenizer: Any = None
+        self.context_length: int | None = None
+        self.vocab_size = 0
+        self.compute_dtype = ""
+        self.sampling_defaults: dict[str, float] = {}
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._on_failure: Callable[[str], None] = lambda _message: None
+
+    # ------------------------------------------------------------ lifecycle
+
+    def start(self, on_failure: Callable[[str], None] | None = None) -> None:
+        """Starts loading and serving on the generation thread; call from the event loop."""
+        self._loop = asyncio.get_running_loop()
+        if on_failure is not None:
+            self._on_failure = on_failure
+        self._thread = threading.Thread(target=self._thread_main, name="swan-generation",
+                                        daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._inbox.put(("stop", None))
+        if self._thread is not None:
+            self._thread.join(timeout)
+        self.state = EngineState.STOPPED
+
+    def _thread_main(self) -> None:
+        try:
+            from .batch_loop import BatchLoop
+            from .model_loading import load_local_model
+
+            loaded = load_local_model(
+                self.settings.model_dir, self.settings.dtype, self.settings.max_model_len
+            )
+        except Exception as exc:
+            log.exception("could not load the model from %s", self.settings.model_dir)
+            self._fail(f"could not load the model from {self.settings.model_dir}: {exc}")
+            return
+        self.tokenizer = loaded.tokenizer
+        self.context_length = loaded.context_length
+        self.vocab_size = loaded.vocab_size
+        self.compute_dtype = loaded.compute_dtype
+        self.sampling_defaults = loaded.sampling_defaults
+        log.info(
+            "model ready: %s (stored %s, computing in %s, context %s)",
+            self.settings.model_dir, loaded.model_dtype, loaded.compute_dtype,
+            loaded.context_length,
+        )
+        assert self._loop is not None
+        batch_loop = BatchLoop(loaded, self, self._inbox, self._loop)
+        self.state = EngineState.READY
+        try:
+            batch_loop.run()
+        except Exception as exc:
+            log.exception("the generation thread stopped")
+            batch_loop.fail_all("The server's generation thread stopped.")
+            self._fail(f"generation thread stopped: {exc}")
+
+    def _fail(self, message: str) -> None:
+        self.failure = message
+        self.state = EngineState.FAILED
+        self._on_failure(message)
+
+    # ------------------------------------------------------------ requests
+
+    def submit(
+        self, request_id: str, specs: list[SequenceSpec], prompt_tokens: int
+    ) -> GenerationHandle:
+        """Queues a request's sequences; raises 503 while loading, 429 when full."""
+        if self.state is not EngineState.READY:
+            status = "loading" if self.state is EngineState.LOADING else "unavailable"
+            raise APIError(503, f"The model is {status}; retry shortly.", code="model_not_ready",
+                           headers={"Retry-After": "1"})
+        if len(specs) > self.admission.capacity:
+            raise APIError(400, f"n is larger than the server's capacity "
+                           f"({self.admission.capacity} sequences).", param="n",
+                           code="invalid_value")
+        if not self.admission.reserve(len(specs)):
+            raise APIError(429, "The server is at capacity; retry shortly.",
+                           code="rate_limit_exceeded", headers={"Retry-After": "1"})
+        handle = GenerationHandle(request_id, specs, prompt_tokens, asyncio.get_running_loop())
+        self._inbox.put(("submit", handle))
+        return handle
+
+    def cancel(self, handle: GenerationHandle) -> None:
+        """Frees the request's sequences at the generation thread's next step."""
+        if not (handle.cancelled or handle.done):
+            handle.cancelled = True
+            self._inbox.put(("cancel", handle))

@@ -1,0 +1,51 @@
+"""Server settings: one validated object built from the command line (and a few env vars)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+# The API key may come from the environment so that it does not show in `ps`.
+API_KEY_ENV = "SWAN_SERVE_API_KEY"
+
+ComputeDtype = Literal["auto", "model", "float32", "float16", "bfloat16"]
+
+
+class ServerSettings(BaseModel):
+    """Everything the app and the engine need to know, frozen once the server starts."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    model_dir: Path
+    served_model_names: tuple[str, ...] = Field(min_length=1)
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    api_key: str | None = None
+    cors_origins: tuple[str, ...] = ()
+    # Sequences decoded together; past it requests wait in a bounded queue.
+    max_concurrency: int = Field(8, ge=1, le=1024)
+    # Sequences allowed to wait for a decode slot; past it requests get 429.
+    max_queue: int = Field(64, ge=0)
+    max_tokens_default: int = Field(512, ge=1)
+    # Context length override; by default read from the model's config.json.
+    max_model_len: int | None = Field(None, ge=1)
+    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    max_n: int = Field(8, ge=1)
+    # Prompt tokens processed per engine step; smaller = quicker cancellation and
+    # fairer interleaving with decoding, larger = faster long-prompt prefill.
+    prefill_step_size: int = Field(512, ge=16)
+    dtype: ComputeDtype = "auto"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @property
+    def model_id(self) -> str:
+        """The id reported as `model` in responses: the first served name."""
+        return self.served_model_names[0]
+
+
+def api_key_from_env() -> str | None:
+    key = os.environ.get(API_KEY_ENV, "").strip()
+    return key or None
