@@ -35,7 +35,6 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
-from tqdm import tqdm
 
 from swan_serve import __version__
 
@@ -57,6 +56,7 @@ from .manifest import (
     sig,
 )
 from .names import Classification, classify
+from .progress import ProgressCallback, phase_progress
 from .scoring import AnalysisConfig, AnalysisSettings, load_config, score
 
 ALGORITHM_REVISION = 1
@@ -368,22 +368,18 @@ def analyze_checkpoint(
     model_dir: str | os.PathLike,
     config: AnalysisConfig | None = None,
     progress: bool = True,
+    on_progress: ProgressCallback | None = None,
 ) -> Manifest:
-    """Analyse every tensor of the checkpoint in model_dir (raises CheckpointError)."""
+    """Analyse every tensor of the checkpoint in model_dir (raises CheckpointError).
+
+    `progress` shows a bar (or log lines when not on a terminal); `on_progress` gets
+    ("analyze", fraction done) as bytes are analysed."""
     config = config or load_config()
     ckpt = open_checkpoint(model_dir)
     work = [(info, classify(info.name, info.shape)) for info in ckpt.tensors]
     total = sum(bytes_to_read(info, cls, config) for info, cls in work)
     lock = threading.Lock()
-    with tqdm(
-        total=total,
-        unit="B",
-        unit_scale=True,
-        unit_divisor=1024,
-        desc="analyze",
-        disable=not progress,
-        dynamic_ncols=True,
-    ) as bar:
+    with phase_progress("analyze", total, "B", progress, on_progress) as bar:
         done = [0]
 
         def tick(nbytes: int) -> None:
@@ -394,7 +390,7 @@ def analyze_checkpoint(
             record = analyse_tensor(ckpt, item[0], item[1], config, tick)
             with lock:
                 done[0] += 1
-                bar.set_postfix_str(f"{done[0]}/{len(work)} tensors", refresh=False)
+                bar.set_postfix(f"{done[0]}/{len(work)} tensors")
             return record
 
         # `workers` tensors in parallel, one BLAS thread each (see blas_threads.py).
