@@ -133,7 +133,7 @@ class ModelCache:
             if not rebuild and (hit := self.lookup(source, key)):
                 return hit
             self.clean_stale(own_key=key)
-            self._check_free_space(required_bytes)
+            self.check_free_space(required_bytes)
             tmp = self._new_tmp_path(key, "build")
             tmp.mkdir(parents=True)
             try:
@@ -173,7 +173,7 @@ class ModelCache:
                     removed.append(path)
         return removed
 
-    def _check_free_space(self, required_bytes: int) -> None:
+    def check_free_space(self, required_bytes: int) -> None:
         if required_bytes <= 0:
             return
         self.root.mkdir(parents=True, exist_ok=True)

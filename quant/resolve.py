@@ -76,6 +76,11 @@ def content_revision(model_dir: Path) -> str:
     return "sha256-" + digest.hexdigest()[:16]
 
 
+def looks_like_repo_id(model: str) -> bool:
+    """True for 'org/name' that is not also a local path."""
+    return bool(_REPO_ID.match(model)) and not Path(model).expanduser().exists()
+
+
 def resolve_model(model: str, revision: str | None = None) -> ResolvedModel:
     """Turn MODEL (local directory or Hugging Face repo id) into a local checkpoint."""
     local = Path(model).expanduser()
@@ -85,7 +90,7 @@ def resolve_model(model: str, revision: str | None = None) -> ResolvedModel:
         local = local.resolve()
         read_config(local)  # fail early and clearly on a directory that is no model
         return ResolvedModel(local, str(local), content_revision(local))
-    if not _REPO_ID.match(model):
+    if not looks_like_repo_id(model):
         raise ResolveError(
             f"{model!r} is neither an existing directory nor a Hugging Face repo id (org/name)"
         )

@@ -16,7 +16,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from . import routes
-from .engine import Engine
+from .engine import Engine, ModelProvider
 from .errors import APIError, error_body
 from .middleware import ApiKeyMiddleware, RequestContextMiddleware
 from .routes import ServerContext
@@ -37,9 +37,11 @@ async def _http_error(_request: Request, exc: Exception) -> Response:
 
 
 def create_app(
-    settings: ServerSettings, on_engine_failure: Callable[[str], None] | None = None
+    settings: ServerSettings,
+    on_engine_failure: Callable[[str], None] | None = None,
+    model_provider: ModelProvider | None = None,
 ) -> Starlette:
-    engine = Engine(settings)
+    engine = Engine(settings, model_provider)
     context = ServerContext(
         settings=settings,
         engine=engine,

@@ -1,58 +1,60 @@
-"""swan-serve: serve a local MLX model over an OpenAI-compatible HTTP API."""
+"""swan-serve: quantize a model once (cached), then serve it over an OpenAI-compatible HTTP API."""
 
 from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from pathlib import Path
 
 from pydantic import ValidationError
 
 from swan_serve import DEMO_MODEL_DIR
+from swan_serve.quant.build import BuildError, BuildOptions, prepare_build
+from swan_serve.quant.cache import CacheError
+from swan_serve.quant.progress import ProgressCallback
+from swan_serve.quant.resolve import ResolveError
 
-from .settings import API_KEY_ENV, ServerSettings, api_key_from_env
+from .engine import ModelProvider
+from .settings import API_KEY_ENV, ServerSettings, api_key_from_env, parse_byte_size
+
+DEMO_MODEL_NAME = "demo"
+# What a bad MODEL raises; each message is one line written for the user.
+MODEL_ERRORS = (BuildError, CacheError, ResolveError)
 
 
-class ModelNotFound(Exception):
-    """MODEL does not name something this version can serve; the message says why."""
+def prepare_model(args: argparse.Namespace) -> tuple[Path | None, ModelProvider | None]:
+    """MODEL argument -> (a directory to serve as it is, or a provider that finds or
+    builds the quantized one on the generation thread). The one place a model source is
+    decided; quant/ does the resolving, checking and building.
 
-
-def resolve_model_dir(model: str | None) -> Path:
-    """MODEL argument -> local model directory. The one place a model source is decided.
-
-    Today: a local directory holding config.json and *.safetensors (an MLX checkpoint or an
-    unquantized HF checkpoint mlx_lm loads directly), or nothing for the bundled demo model.
-    The quantize-and-cache step (Hugging Face ids) will plug in here.
+    Local directories are resolved and checked here, before the server listens, so a bad
+    model fails at once; a hub id is downloaded by the provider (it may take a while).
     """
-    if model is None:
-        if not (DEMO_MODEL_DIR / "config.json").is_file():
-            raise ModelNotFound(
-                f"no MODEL given and the bundled demo model is not built yet ({DEMO_MODEL_DIR}); "
-                "pass a local model directory"
-            )
-        return DEMO_MODEL_DIR
-    path = Path(model).expanduser()
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise ModelNotFound(f"{path} has no config.json; it is not a model directory")
-        if not any(path.glob("*.safetensors")):
-            raise ModelNotFound(f"{path} has no *.safetensors weights")
-        return path.resolve()
-    if path.exists():
-        raise ModelNotFound(f"{path} is a file; MODEL must be a model directory")
-    if _looks_like_hub_id(model):
-        raise ModelNotFound(
-            f"'{model}' is not a local directory; Hugging Face model ids are not supported "
-            "yet: download the model and pass its directory"
-        )
-    raise ModelNotFound(f"no such model directory: {path}")
+    from swan_serve.quant.resolve import looks_like_repo_id, resolve_model
+
+    model = args.model or str(DEMO_MODEL_DIR)
+    if args.no_quantize:
+        return resolve_model(model, args.revision).path, None
+    options = BuildOptions(target_bpw=args.target_bpw, recipe=args.recipe,
+                           cache_dir=args.cache_dir, rebuild=args.rebuild,
+                           revision=args.revision)
+    if looks_like_repo_id(model):
+        return None, lambda on_progress: _build_from_hub(model, options, on_progress)
+    prepared = prepare_build(model, options)
+    return None, lambda on_progress: prepared.build(on_progress, log=_log_line)
 
 
-def _looks_like_hub_id(model: str) -> bool:
-    parts = model.split("/")
-    return len(parts) == 2 and all(parts) and not model.startswith((".", "~"))
+def _build_from_hub(model: str, options: BuildOptions, on_progress: ProgressCallback) -> Path:
+
+    on_progress("download", 0.0)
+    prepared = prepare_build(model, options)
+    on_progress("download", 1.0)
+    return prepared.build(on_progress, log=_log_line)
+
+
+def _log_line(message: str) -> None:
+    print(f"swan-serve: {message}", file=sys.stderr, flush=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,7 +65,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add = parser.add_argument
     add("model", nargs="?", metavar="MODEL",
-        help="local model directory (default: the bundled demo model)")
+        help="Hugging Face repo id or local directory (default: the bundled demo model); "
+        "an unquantized model is quantized once into the cache, an MLX quantized one is "
+        "served as it is")
+    add("--target-bpw", type=float, default=4.5,
+        help="bits per weight the quantizer aims at, scales and biases counted (default: 4.5)")
+    add("--recipe", default="budget",
+        help="allocation recipe: a name from configs/ (budget, swan-thresholds, "
+        "uniform-4bit, mixed-4-6) or a TOML file (default: budget)")
+    add("--cache-dir", type=Path,
+        help="where quantized builds are kept (default: $SWAN_SERVE_CACHE or "
+        "~/.cache/swan-serve)")
+    add("--rebuild", action="store_true", help="quantize again even if the cache has a build")
+    add("--revision", help="hub revision (branch, tag or commit) of MODEL")
+    add("--no-quantize", action="store_true",
+        help="serve the model's weights as they are, without quantizing")
     add("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, loopback only)")
     add("--port", type=int, default=8000, help="port to bind (default: 8000)")
     add("--api-key", help=f"require 'Authorization: Bearer KEY' on /v1 routes "
@@ -88,14 +104,29 @@ def build_parser() -> argparse.ArgumentParser:
     add("--dtype", default="auto", choices=["auto", "model", "float32", "float16", "bfloat16"],
         help="compute dtype for float parameters; auto measures float32 against the model "
         "dtype on CPU devices and keeps the model dtype on GPUs (default: auto)")
+    add("--prefix-cache-bytes", type=_byte_size, metavar="SIZE",
+        help="memory for cached prompt prefixes (KV states), e.g. 2GiB or 512MB; 0 turns the "
+        "prefix cache off (default: a quarter of the memory free after loading the model)")
     add("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     add("--access-log", action="store_true", help="log every HTTP request")
     return parser
 
 
-def _served_names(args: argparse.Namespace, model_dir: Path) -> tuple[str, ...]:
-    names = args.served_model_name or [model_dir.name, *([args.model] if args.model else [])]
-    return tuple(dict.fromkeys(names))
+def _byte_size(text: str) -> int:
+    try:
+        return parse_byte_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _served_names(args: argparse.Namespace) -> tuple[str, ...]:
+    if args.served_model_name:
+        names = args.served_model_name
+    elif args.model is None:
+        names = [DEMO_MODEL_NAME]
+    else:  # the id as given, and its last part ("Qwen/Qwen3-8B" -> "Qwen3-8B")
+        names = [args.model, Path(args.model.rstrip("/")).name]
+    return tuple(dict.fromkeys(n for n in names if n))
 
 
 def _fail(message: str) -> int:
@@ -105,13 +136,11 @@ def _fail(message: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    # Serving never reaches out to the Hugging Face hub.
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
-        model_dir = resolve_model_dir(args.model)
+        model_dir, model_provider = prepare_model(args)
         settings = ServerSettings(
             model_dir=model_dir,
-            served_model_names=_served_names(args, model_dir),
+            served_model_names=_served_names(args),
             host=args.host,
             port=args.port,
             api_key=args.api_key or api_key_from_env(),
@@ -124,18 +153,21 @@ def main(argv: list[str] | None = None) -> int:
             max_body_bytes=int(args.max_body_mb * 1024 * 1024),
             prefill_step_size=args.prefill_step_size,
             dtype=args.dtype,
+            prefix_cache_bytes=args.prefix_cache_bytes,
             log_level=args.log_level,
         )
-    except ModelNotFound as exc:
+    except MODEL_ERRORS as exc:
         return _fail(str(exc))
     except ValidationError as exc:
         first = exc.errors(include_url=False)[0]
         flag = "--" + str(first["loc"][0]).replace("_", "-") if first["loc"] else "argument"
         return _fail(f"{flag}: {first['msg']}")
-    return serve(settings, access_log=args.access_log)
+    return serve(settings, access_log=args.access_log, model_provider=model_provider)
 
 
-def serve(settings: ServerSettings, access_log: bool = False) -> int:
+def serve(
+    settings: ServerSettings, access_log: bool = False, model_provider: ModelProvider | None = None
+) -> int:
     import uvicorn
 
     from .app import create_app
@@ -150,7 +182,8 @@ def serve(settings: ServerSettings, access_log: bool = False) -> int:
         if server is not None:
             server.should_exit = True
 
-    app = create_app(settings, on_engine_failure=on_engine_failure)
+    app = create_app(settings, on_engine_failure=on_engine_failure,
+                     model_provider=model_provider)
     config = uvicorn.Config(app, host=settings.host, port=settings.port,
                             log_level=settings.log_level, access_log=access_log,
                             timeout_graceful_shutdown=5)

@@ -13,6 +13,7 @@ import logging
 import queue
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from .errors import APIError
@@ -50,18 +51,33 @@ class Admission:
             self._reserved -= count
 
 
+# Called on the generation thread before loading: builds or finds the model directory
+# (quantizing on a first load), reporting (phase, fraction) as it goes.
+ModelProvider = Callable[[Callable[[str, float], None]], Path]
+
+
 class Engine:
-    def __init__(self, settings: ServerSettings):
+    def __init__(self, settings: ServerSettings, model_provider: ModelProvider | None = None):
         self.settings = settings
         self.state = EngineState.LOADING
         self.failure: str | None = None
+        self._model_provider = model_provider
+        self.model_dir: Path | None = settings.model_dir
+        # What /health reports while loading: the phase and how far it is.
+        self.loading_phase = "load"
+        self.loading_progress = 0.0
         self.admission = Admission(settings.max_concurrency + settings.max_queue)
         self.metrics = ServerMetrics(
-            queue_depth=lambda: self.waiting_count, active_sequences=lambda: self.active_count
+            queue_depth=lambda: self.waiting_count,
+            active_sequences=lambda: self.active_count,
+            prefix_cache_bytes=lambda: self.prefix_cache_bytes,
+            prefix_cache_entries=lambda: self.prefix_cache_entries,
         )
         # Written by the generation thread after every step, read by /metrics.
         self.active_count = 0
         self.waiting_count = 0
+        self.prefix_cache_bytes = 0
+        self.prefix_cache_entries = 0
         # Set once the model is loaded.
         self.tokenizer: Any = None
         self.context_length: int | None = None
@@ -90,17 +106,27 @@ class Engine:
             self._thread.join(timeout)
         self.state = EngineState.STOPPED
 
+    def _report_loading(self, phase: str, fraction: float) -> None:
+        self.loading_phase, self.loading_progress = phase, fraction
+
     def _thread_main(self) -> None:
+        if self._model_provider is not None:
+            try:
+                self.model_dir = self._model_provider(self._report_loading)
+            except Exception as exc:  # the provider's errors are written for the user
+                log.debug("preparing the model failed", exc_info=True)
+                self._fail(str(exc))
+                return
+        self._report_loading("load", 0.0)
         try:
             from .batch_loop import BatchLoop
             from .model_loading import load_local_model
 
-            loaded = load_local_model(
-                self.settings.model_dir, self.settings.dtype, self.settings.max_model_len
-            )
+            loaded = load_local_model(self.model_dir, self.settings.dtype,
+                                      self.settings.max_model_len)
         except Exception as exc:
-            log.exception("could not load the model from %s", self.settings.model_dir)
-            self._fail(f"could not load the model from {self.settings.model_dir}: {exc}")
+            log.exception("could not load the model from %s", self.model_dir)
+            self._fail(f"could not load the model from {self.model_dir}: {exc}")
             return
         self.tokenizer = loaded.tokenizer
         self.context_length = loaded.context_length
@@ -109,7 +135,7 @@ class Engine:
         self.sampling_defaults = loaded.sampling_defaults
         log.info(
             "model ready: %s (stored %s, computing in %s, context %s)",
-            self.settings.model_dir, loaded.model_dtype, loaded.compute_dtype,
+            self.model_dir, loaded.model_dtype, loaded.compute_dtype,
             loaded.context_length,
         )
         assert self._loop is not None

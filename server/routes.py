@@ -190,7 +190,9 @@ async def health(request: Request) -> Response:
     if engine.state is EngineState.READY:
         return JSONResponse({"status": "ok"})
     if engine.state is EngineState.LOADING:
-        return JSONResponse({"status": "loading"}, status_code=503)
+        body = {"status": "loading", "phase": engine.loading_phase,
+                "progress": round(engine.loading_progress, 4)}
+        return JSONResponse(body, status_code=503)
     return JSONResponse({"status": "error", "message": engine.failure or "stopped"},
                         status_code=503)
 

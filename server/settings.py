@@ -19,7 +19,9 @@ class ServerSettings(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    model_dir: Path
+    # The local model directory, when known before start-up; None when the engine's model
+    # provider finds or builds it (quantize-once cache) after the server is listening.
+    model_dir: Path | None = None
     served_model_names: tuple[str, ...] = Field(min_length=1)
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
@@ -38,12 +40,34 @@ class ServerSettings(BaseModel):
     # fairer interleaving with decoding, larger = faster long-prompt prefill.
     prefill_step_size: int = Field(512, ge=16)
     dtype: ComputeDtype = "auto"
+    # Bytes of KV states the prefix cache may hold; None: a quarter of the memory free once
+    # the model is loaded; 0: no prefix cache.
+    prefix_cache_bytes: int | None = Field(None, ge=0)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     @property
     def model_id(self) -> str:
         """The id reported as `model` in responses: the first served name."""
         return self.served_model_names[0]
+
+
+_BYTE_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6,
+               "mib": 2**20, "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12,
+               "tib": 2**40}
+
+
+def parse_byte_size(text: str) -> int:
+    """'2GiB', '512MB', '1.5g', '1000000' -> bytes (argparse `type`)."""
+    value = text.strip().lower()
+    number = value.rstrip("abcdefghijklmnopqrstuvwxyz ")
+    unit = value[len(number):].strip()
+    try:
+        amount = float(number)
+    except ValueError:
+        amount = -1.0
+    if unit not in _BYTE_UNITS or amount < 0:
+        raise ValueError(f"not a size in bytes: {text!r} (e.g. 2GiB, 512MB, 0)")
+    return int(amount * _BYTE_UNITS[unit])
 
 
 def api_key_from_env() -> str | None:

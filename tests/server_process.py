@@ -53,11 +53,15 @@ class ServerProcess:
     """A swan-serve subprocess; `start()` returns once /health answers 200."""
 
     def __init__(self, model_dir: str | Path | None, *args: str, env: dict[str, str] | None = None,
-                 command: list[str] | None = None, health_path: str = "/health"):
+                 command: list[str] | None = None, health_path: str = "/health",
+                 quantize: bool = False):
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         base = command or [str(SWAN_SERVE), *([str(model_dir)] if model_dir else [])]
-        self.command = [*base, "--port", str(self.port), *args]
+        # Server tests serve the fixture's float weights unless they test the first-load
+        # quantization itself (quantize=True).
+        as_is = ["--no-quantize"] if command is None and not quantize else []
+        self.command = [*base, "--port", str(self.port), *as_is, *args]
         self.env = {**os.environ, **(env or {})}
         self.health_path = health_path
         self.process: subprocess.Popen | None = None

@@ -1,5 +1,5 @@
-"""swan-serve's command line: one-line errors and exit codes, model resolution (local paths
-only, never a download), and a model that fails to load ends the process with status 1."""
+"""swan-serve's command line: one-line errors and exit codes, and a model that fails to load
+ends the process with status 1. (First-load quantization: tests/test_first_load.py.)"""
 
 from __future__ import annotations
 
@@ -10,9 +10,6 @@ from pathlib import Path
 import pytest
 from server_process import SWAN_SERVE, ServerProcess
 
-from swan_serve import DEMO_MODEL_DIR
-from swan_serve.server.cli import ModelNotFound, resolve_model_dir
-
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([str(SWAN_SERVE), *args], capture_output=True, text=True, timeout=60)
@@ -21,12 +18,14 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize(
     ("model", "message"),
     [
-        ("/nonexistent/model-dir", "no such model directory"),
-        ("Qwen/Qwen3-8B", "Hugging Face model ids are not supported yet"),
+        ("/nonexistent/model-dir", "neither an existing directory nor a Hugging Face repo id"),
+        ("{tmp}", "has no config.json"),
     ],
 )
-def test_bad_model_argument_is_one_line_and_exit_2(model: str, message: str) -> None:
-    result = run_cli(model)
+def test_bad_model_argument_is_one_line_and_exit_2(
+    model: str, message: str, tmp_path: Path
+) -> None:
+    result = run_cli(model.format(tmp=tmp_path))
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("swan-serve: error:")
@@ -38,23 +37,6 @@ def test_bad_flag_value_names_the_flag(tiny_checkpoint) -> None:
     result = run_cli(str(model), "--max-concurrency", "0")
     assert result.returncode == 2
     assert "--max-concurrency" in result.stderr and "Traceback" not in result.stderr
-
-
-def test_resolve_model_dir(tmp_path: Path, tiny_checkpoint) -> None:
-    model = tiny_checkpoint("qwen3", tokenizer="small")
-    assert resolve_model_dir(str(model)) == model.resolve()
-    with pytest.raises(ModelNotFound, match="no config.json"):
-        resolve_model_dir(str(tmp_path))
-    (tmp_path / "config.json").write_text("{}")
-    with pytest.raises(ModelNotFound, match="safetensors"):
-        resolve_model_dir(str(tmp_path))
-    with pytest.raises(ModelNotFound, match="is a file"):
-        resolve_model_dir(str(tmp_path / "config.json"))
-    if (DEMO_MODEL_DIR / "config.json").is_file():
-        assert resolve_model_dir(None) == DEMO_MODEL_DIR
-    else:
-        with pytest.raises(ModelNotFound, match="demo model is not built yet"):
-            resolve_model_dir(None)
 
 
 def test_model_that_fails_to_load_exits_1(tmp_path: Path, tiny_checkpoint) -> None:

@@ -1,0 +1,222 @@
+"""The door between the two rooms: MODEL in, a servable MLX model directory out.
+
+`resolve_or_build` is the one call swan-serve makes: resolve MODEL (hub id or local
+directory), serve an MLX checkpoint that is already quantized as it is, and otherwise
+return the cached quantized build, making it first on a miss (analyze -> allocate ->
+convert -> verify, then an atomic publish). `quantize_model` is that pipeline on its
+own; `swan-quant convert` and the bench scripts call the same function.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .cache import ModelCache, entry_key
+from .checkpoint import CheckpointError, open_checkpoint
+from .progress import ProgressCallback
+from .recipe import DEFAULT_RECIPE, DEFAULT_TARGET_BPW, Recipe, load_recipe
+from .resolve import ResolvedModel, ResolveError, read_config, resolve_model
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tiktoken.model", "vocab.json")
+
+
+class BuildError(RuntimeError):
+    """The model cannot be quantized or served; the message is one clear line."""
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    target_bpw: float | None = DEFAULT_TARGET_BPW  # None: the recipe's own target
+    recipe: str = DEFAULT_RECIPE
+    cache_dir: Path | None = None
+    rebuild: bool = False
+    revision: str | None = None
+    analysis_config: str | None = None  # preset name or TOML path; None: swan-default
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class PreparedBuild:
+    """What `prepare_build` found: the source, and either a servable directory already
+    (a cache hit, or an MLX checkpoint served as it is) or the cache entry to build."""
+
+    model: str
+    resolved: ResolvedModel
+    options: BuildOptions
+    ready: Path | None
+    key: str = ""
+    cache: ModelCache | None = None
+    recipe: Recipe | None = None
+    identity: dict = field(default_factory=dict)
+
+    def build(
+        self,
+        on_progress: ProgressCallback | None = None,
+        log: Callable[[str], None] | None = None,
+    ) -> Path:
+        """The servable directory: the ready one, or a fresh build published to the cache."""
+        say = log or print
+        if self.ready is not None:
+            say(f"serving {self.model} from {self.ready}")
+            return self.ready
+        assert self.cache is not None and self.recipe is not None
+        say(f"quantizing {self.model} once into {self.cache.root} (later starts reuse it)")
+        source, recipe, options = self.resolved.path, self.recipe, self.options
+
+        def build(tmp: Path) -> None:
+            say(f"building {self.model}: analyze, allocate, convert, verify")
+            quantize_model(source, tmp, recipe=recipe, target_bpw=options.target_bpw,
+                           analysis_config=options.analysis_config, on_progress=on_progress)
+
+        info = {"model": self.model, "revision": self.resolved.revision, **self.identity}
+        return self.cache.get_or_build(
+            self.resolved.source, self.key, build, info=info, rebuild=options.rebuild,
+            log=say, required_bytes=estimated_build_bytes(self.resolved, options.target_bpw),
+        )
+
+
+def prepare_build(model: str, options: BuildOptions | None = None) -> PreparedBuild:
+    """Resolve MODEL and check everything that can be checked cheaply, so that a bad
+    model fails in a second rather than minutes into a build. Downloads a hub id."""
+    options = options or BuildOptions()
+    try:
+        resolved = resolve_model(model, options.revision)
+    except ResolveError as exc:
+        raise BuildError(str(exc)) from None
+    if resolved.is_mlx_quantized:
+        return PreparedBuild(model, resolved, options, ready=resolved.path)
+    check_buildable(resolved.path)
+    recipe = _load_recipe(options.recipe)
+    identity = {
+        "recipe": recipe.model_dump(mode="json"),
+        "target_bpw": options.target_bpw,
+        "analysis_config": options.analysis_config,
+    }
+    key = entry_key(resolved.source, resolved.revision, identity)
+    cache = ModelCache(options.cache_dir)
+    hit = None if options.rebuild else cache.lookup(resolved.source, key)
+    if hit is None:
+        cache.check_free_space(estimated_build_bytes(resolved, options.target_bpw))
+    return PreparedBuild(model, resolved, options, hit, key, cache, recipe, identity)
+
+
+def resolve_or_build(
+    model: str,
+    options: BuildOptions | None = None,
+    on_progress: ProgressCallback | None = None,
+    log: Callable[[str], None] | None = None,
+) -> Path:
+    """A local MLX model directory that serves `model`; builds and caches it if needed."""
+    return prepare_build(model, options).build(on_progress, log)
+
+
+def quantize_model(
+    model_dir: Path,
+    out_dir: Path,
+    *,
+    recipe: Recipe | str = DEFAULT_RECIPE,
+    target_bpw: float | None = DEFAULT_TARGET_BPW,
+    analysis_config: str | None = None,
+    manifest_path: Path | None = None,
+    force: bool = False,
+    progress: bool = True,
+    on_progress: ProgressCallback | None = None,
+):
+    """analyze -> allocate -> convert -> verify `model_dir` into `out_dir`; returns the
+    ConvertResult. A manifest file, when given, replaces the analysis."""
+    from .allocate import build_plan
+    from .analyze import analyze_checkpoint
+    from .convert import convert
+    from .manifest import Manifest
+    from .mlx_names import build_name_map, checkpoint_shapes
+    from .scoring import load_config
+
+    recipe = recipe if isinstance(recipe, Recipe) else _load_recipe(recipe)
+    if manifest_path is not None:
+        manifest = Manifest.load(manifest_path)
+    else:
+        manifest = analyze_checkpoint(model_dir, load_config(analysis_config), progress=progress,
+                                      on_progress=on_progress)
+    ckpt = open_checkpoint(model_dir)
+    name_map = build_name_map(ckpt.config, checkpoint_shapes(ckpt))
+    tied = bool(ckpt.config.get("tie_word_embeddings", False))
+    plan = build_plan(manifest, name_map, recipe, target_bpw, tied_embeddings=tied)
+    staged_manifest = None
+    if manifest_path is None:
+        staged_manifest = out_dir.parent / f".{out_dir.name}.manifest.json"
+        manifest.save(staged_manifest)
+    try:
+        result = convert(model_dir, out_dir, plan, force=force, progress=progress,
+                         manifest_path=manifest_path or staged_manifest, on_progress=on_progress)
+    finally:
+        if staged_manifest is not None:
+            staged_manifest.unlink(missing_ok=True)
+    verify_generates(out_dir)
+    return result
+
+
+def verify_generates(model_dir: Path) -> None:
+    """The build must load in stock mlx_lm and produce a token before it is published."""
+    import mlx.core as mx
+    from mlx_lm.utils import load_model, load_tokenizer
+
+    try:
+        model, _ = load_model(model_dir)
+        if mx.default_device() == mx.cpu:
+            # MLX's CPU kernels lack bf16 for some ops (expert gather-matmul); float32
+            # there is what swan-serve computes in on a CPU anyway.
+            model.set_dtype(mx.float32)
+        tokenizer = load_tokenizer(model_dir)
+        logits = model(mx.array([tokenizer.encode("Hello")]))[0, -1]
+        finite = bool(mx.all(mx.isfinite(logits)).item())
+    except Exception as exc:  # whatever mlx_lm raises, the build is not servable
+        raise BuildError(f"the quantized model does not run in mlx_lm: {exc}") from exc
+    if not finite:
+        raise BuildError("the quantized model produces non-finite logits")
+
+
+def check_buildable(model_dir: Path) -> None:
+    """Fail in a second, with one line, on what would otherwise fail after minutes."""
+    config = read_config(model_dir)
+    model_type = config.get("model_type")
+    if not model_type:
+        raise BuildError(f"{model_dir}/config.json has no model_type")
+    if not _mlx_lm_supports(config):
+        raise BuildError(f"architecture {model_type!r} is not supported by mlx-lm")
+    if not any((model_dir / name).is_file() for name in TOKENIZER_FILES):
+        raise BuildError(
+            f"{model_dir} has no tokenizer (looked for {', '.join(TOKENIZER_FILES)})"
+        )
+    try:  # reads every shard's header and checks its size: no tensor data yet
+        open_checkpoint(model_dir)
+    except CheckpointError as exc:
+        raise BuildError(str(exc)) from None
+
+
+def estimated_build_bytes(resolved: ResolvedModel, target_bpw: float | None) -> int:
+    """Disk a build needs: the quantized weights (plus slack for float tensors and the
+    manifest), from the source's safetensors sizes and the bits-per-weight target."""
+    source_bytes = sum(p.stat().st_size for p in resolved.path.glob("*.safetensors"))
+    bpw = target_bpw or 8.0
+    return int(source_bytes * min(1.0, bpw / 16.0) * 1.15) + 64 * 2**20
+
+
+def _mlx_lm_supports(config: dict) -> bool:
+    from mlx_lm.utils import MODEL_REMAPPING
+
+    model_type = config["model_type"]
+    model_type = MODEL_REMAPPING.get(model_type, model_type)
+    return importlib.util.find_spec(f"mlx_lm.models.{model_type}") is not None
+
+
+def _load_recipe(name: str) -> Recipe:
+    from .recipe import RecipeError
+
+    try:
+        return load_recipe(name)
+    except (RecipeError, FileNotFoundError) as exc:
+        raise BuildError(str(exc)) from None
+
