@@ -138,7 +138,7 @@ def test_chat_template_renders_tools_calls_results_and_thinking(hf_tokenizer) ->
     call = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
     assert call in text
     assert "<think>\nI should call the tool.\n</think>\n\n" + call in text
-    assert "<|im_start|>user\n<tool_response>\n{\"temp_c\": 21}\n</tool_response><|im_end|>" in text
+    assert '<|im_start|>user\n<tool_response>\n{"temp_c": 21}\n</tool_response><|im_end|>' in text
     assert text.endswith("<think>\nTool said 21.\n</think>\n\nIt is 21 °C.<|im_end|>\n")
 
 
