@@ -16,6 +16,7 @@ from swan_serve.quant.progress import ProgressCallback
 from swan_serve.quant.resolve import ResolveError
 
 from .engine import ModelProvider
+from .parsers.registry import CHOICES
 from .settings import API_KEY_ENV, ServerSettings, api_key_from_env, parse_byte_size
 
 DEMO_MODEL_NAME = "demo"
@@ -101,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="largest request body in MiB (default: 4)")
     add("--prefill-step-size", type=int, default=512,
         help="prompt tokens per engine step (default: 512)")
+    add("--tool-call-parser", default="auto", choices=CHOICES, metavar="NAME",
+        help="tool-call format: auto (from the chat template), none, or one of "
+        f"{', '.join(c for c in CHOICES if c not in ('auto', 'none'))} (default: auto)")
     add("--dtype", default="auto", choices=["auto", "model", "float32", "float16", "bfloat16"],
         help="compute dtype for float parameters; auto measures float32 against the model "
         "dtype on CPU devices and keeps the model dtype on GPUs (default: auto)")
@@ -153,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
             max_body_bytes=int(args.max_body_mb * 1024 * 1024),
             prefill_step_size=args.prefill_step_size,
             dtype=args.dtype,
+            tool_call_parser=args.tool_call_parser,
             prefix_cache_bytes=args.prefix_cache_bytes,
             log_level=args.log_level,
         )

@@ -129,6 +129,12 @@ class Engine:
             self._fail(f"could not load the model from {self.model_dir}: {exc}")
             return
         self.tokenizer = loaded.tokenizer
+        from .chat_features import ChatFeatures
+
+        self.chat_features = ChatFeatures.for_tokenizer(
+            loaded.tokenizer, loaded.vocab_size, self.settings.tool_call_parser)
+        # llguidance's view of the vocabulary takes ~1 s for 150k tokens: not on a request.
+        threading.Thread(target=self.chat_features.warm_up, daemon=True).start()
         self.context_length = loaded.context_length
         self.vocab_size = loaded.vocab_size
         self.compute_dtype = loaded.compute_dtype

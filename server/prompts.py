@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from .errors import invalid, unsupported
-from .protocol import ChatCompletionRequest, ChatMessage, CompletionRequest
+from .errors import invalid
+from .protocol import ChatCompletionRequest, CompletionRequest
+from .tool_messages import MessageError, template_messages
 
 # Keys a client may not override through chat_template_kwargs: they change what the
 # template call returns, not what the template renders.
@@ -17,7 +18,10 @@ _RESERVED_TEMPLATE_KWARGS = {
 
 
 def chat_prompt(tokenizer: Any, request: ChatCompletionRequest) -> list[int]:
-    messages = [_message_dict(i, m) for i, m in enumerate(request.messages)]
+    try:
+        messages = template_messages(request.messages)
+    except MessageError as exc:
+        raise invalid(str(exc), exc.param, exc.code) from None
     template_kwargs = dict(request.chat_template_kwargs or {})
     for key in template_kwargs:
         if key in _RESERVED_TEMPLATE_KWARGS:
@@ -32,33 +36,6 @@ def chat_prompt(tokenizer: Any, request: ChatCompletionRequest) -> list[int]:
     except Exception as exc:  # jinja errors: the template refused these messages
         raise invalid(f"The chat template rejected the messages: {exc}", "messages") from None
     return list(ids)
-
-
-def _message_dict(index: int, message: ChatMessage) -> dict[str, Any]:
-    out: dict[str, Any] = {"role": message.role, "content": _text_content(index, message)}
-    for key in ("name", "tool_calls", "tool_call_id"):
-        value = getattr(message, key)
-        if value is not None:
-            out[key] = value
-    return out
-
-
-def _text_content(index: int, message: ChatMessage) -> str:
-    content = message.content
-    if content is None:
-        if message.role == "assistant" and message.tool_calls:
-            return ""
-        raise invalid("Message content must not be null.", f"messages[{index}].content")
-    if isinstance(content, str):
-        return content
-    texts = []
-    for j, part in enumerate(content):
-        if part.type != "text":
-            raise unsupported(f"messages[{index}].content[{j}].type", f"Content type '{part.type}'")
-        if part.text is None:
-            raise invalid("A text part needs 'text'.", f"messages[{index}].content[{j}].text")
-        texts.append(part.text)
-    return "".join(texts)
 
 
 def _plain_chat(messages: list[dict[str, Any]]) -> str:

@@ -11,6 +11,7 @@ from . import protocol as p
 from .errors import error_body
 from .generation import Delta, GenerationFailed, GenerationHandle, TokenLogprob
 from .output import OutputParser, ParsedDelta, ParserFactory
+from .parsers.base import assemble_calls
 
 DONE = "[DONE]"
 
@@ -97,7 +98,7 @@ def _chat_message(choice: _ChatChoice) -> p.ChatMessageOut:
     if choice.reasoning:
         message.reasoning_content = choice.reasoning
     if choice.tool_calls:
-        message.tool_calls = choice.tool_calls
+        message.tool_calls = assemble_calls(choice.tool_calls)
     return message
 
 

@@ -16,8 +16,9 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from swan_serve import __version__
 
 from . import protocol as p
+from .chat_features import FeatureError
 from .engine import Engine, EngineState
-from .errors import APIError
+from .errors import APIError, invalid
 from .generation import GenerationFailed, GenerationHandle
 from .metrics import PROMETHEUS_CONTENT_TYPE
 from .output import ParserFactory, PassThroughParser
@@ -30,7 +31,13 @@ from .responses import (
     stream_completion,
 )
 from .settings import ServerSettings
-from .specs import Limits, build_specs, check_chat_options, check_completion_options
+from .specs import (
+    Limits,
+    build_specs,
+    check_chat_options,
+    check_completion_options,
+    max_new_tokens,
+)
 
 T = TypeVar("T")
 
@@ -106,15 +113,26 @@ async def chat_completions(request: Request) -> Response:
     _check_model(ctx, req.model)
     check_chat_options(req)
     _require_ready(ctx.engine)
+    features = ctx.engine.chat_features
+    try:
+        tools = features.check_request(req)
+    except FeatureError as exc:
+        raise invalid(str(exc), exc.param) from None
     prompt = await _off_loop(ctx, chat_prompt, ctx.engine.tokenizer, req)
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
-    specs = build_specs(req, [prompt], logprobs, ctx.limits())
+    max_tokens = max_new_tokens(req, len(prompt), ctx.limits())
+    try:
+        processors = await _off_loop(ctx, features.processors, tools, prompt, max_tokens)
+    except FeatureError as exc:
+        raise invalid(str(exc), exc.param) from None
+    specs = build_specs(req, [prompt], logprobs, ctx.limits(), processors)
+    parsers = features.parser_factory(tools, prompt)
     handle = ctx.engine.submit(request.state.request_id, specs, len(prompt))
     meta = _meta(ctx, "chatcmpl")
     if req.stream:
-        return _sse(ctx, handle, stream_chat(handle, meta, ctx.parsers, req.include_usage()))
+        return _sse(ctx, handle, stream_chat(handle, meta, parsers, req.include_usage()))
     result = await _unless_disconnected(request, ctx, handle,
-                                        collect_chat(handle, meta, ctx.parsers))
+                                        collect_chat(handle, meta, parsers))
     return result if isinstance(result, Response) else JSONResponse(result.wire())
 
 

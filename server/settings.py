@@ -40,6 +40,8 @@ class ServerSettings(BaseModel):
     # fairer interleaving with decoding, larger = faster long-prompt prefill.
     prefill_step_size: int = Field(512, ge=16)
     dtype: ComputeDtype = "auto"
+    # Tool-call format: "auto" (from the chat template), "none", or a format name.
+    tool_call_parser: str = "auto"
     # Bytes of KV states the prefix cache may hold; None: a quarter of the memory free once
     # the model is loaded; 0: no prefix cache.
     prefix_cache_bytes: int | None = Field(None, ge=0)

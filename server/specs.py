@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from .errors import invalid, unsupported
 from .generation import SamplingParams, SequenceSpec
@@ -22,12 +24,6 @@ class Limits:
 
 def check_chat_options(request: ChatCompletionRequest) -> None:
     """Options we cannot honour are refused (400), never silently ignored."""
-    fmt = (request.response_format or {}).get("type", "text")
-    if fmt != "text":
-        raise unsupported("response_format", f"response_format type '{fmt}'")
-    choice = request.tool_choice
-    if choice not in (None, "auto", "none"):
-        raise unsupported("tool_choice", "Forcing a tool call (tool_choice 'required' or named)")
     if request.top_logprobs is not None and not request.logprobs:
         raise invalid("top_logprobs requires logprobs to be true.", "top_logprobs")
 
@@ -108,7 +104,8 @@ def max_new_tokens(request: _Request, prompt_len: int, limits: Limits) -> int:
 
 
 def build_specs(
-    request: _Request, prompts: list[list[int]], logprobs: int | None, limits: Limits
+    request: _Request, prompts: list[list[int]], logprobs: int | None, limits: Limits,
+    processors: Callable[[], list[Any]] | None = None,
 ) -> list[SequenceSpec]:
     """n choices per prompt; choice index = prompt index * n + j, as in OpenAI's API."""
     n = request.n or 1
@@ -120,5 +117,6 @@ def build_specs(
     for p, prompt in enumerate(prompts):
         max_tokens = max_new_tokens(request, len(prompt), limits)
         for j in range(n):
-            specs.append(SequenceSpec(prompt, max_tokens, sampling, stop, logprobs, p * n + j))
+            specs.append(SequenceSpec(prompt, max_tokens, sampling, stop, logprobs, p * n + j,
+                                      processors))
     return specs

@@ -56,7 +56,8 @@ def test_health_is_ok_and_was_loading_first(server: ServerProcess) -> None:
     assert server.health() == (200, {"status": "ok"})
     # The server listened before the model was loaded and said so.
     first_status, first_body = server.health_seen[0]
-    assert (first_status, json.loads(first_body)) == (503, {"status": "loading"})
+    assert (first_status, json.loads(first_body)) == (
+        503, {"status": "loading", "phase": "load", "progress": 0.0})
 
 
 def test_chat_non_stream(client: openai.OpenAI, no_eos: dict[str, int]) -> None:

@@ -95,9 +95,8 @@ def test_api_key_required_on_v1_routes(server: ServerProcess) -> None:
         (request(logit_bias={"99999999": 1}), "logit_bias", None),
         (request(max_tokens=10**9), "max_tokens", "context_length_exceeded"),
         (request(stop=[""]), "stop", None),
-        (request(response_format={"type": "json_object"}), "response_format",
-         "unsupported_parameter"),
-        (request(tool_choice="required"), "tool_choice", "unsupported_parameter"),
+        (request(response_format={"type": "json_schema"}), "response_format.json_schema", None),
+        (request(tool_choice="required"), "tool_choice", "invalid_value"),  # no tools given
         (request(messages=[{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]),
          "messages[0].content[0].type", "unsupported_parameter"),
