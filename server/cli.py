@@ -61,8 +61,9 @@ def _log_line(message: str) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="swan-serve",
-        description="Serve a local MLX model over an OpenAI-compatible API "
-        "(/v1/chat/completions, /v1/completions, /v1/models, /health, /metrics).",
+        description="Quantize a model once (SWAN, cached) and serve it over an "
+        "OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models, "
+        "/health, /metrics).",
     )
     add = parser.add_argument
     add("model", nargs="?", metavar="MODEL",
@@ -92,8 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--cors-origin", action="append", default=[], metavar="ORIGIN",
         help="allow browser requests from ORIGIN (repeatable; CORS is off by default)")
     add("--served-model-name", action="append", default=[], metavar="NAME",
-        help="model id(s) clients use; the first is reported (repeatable; default: the "
-        "directory name and MODEL as given)")
+        help="model id(s) clients use; the first is reported (repeatable; default: MODEL "
+        "as given and its last path part, or 'demo' for the bundled demo model)")
     add("--max-tokens-default", type=int, default=512,
         help="max_tokens when a request gives none (default: 512)")
     add("--max-model-len", type=int, help="context length (default: from the model config)")
