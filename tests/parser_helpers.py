@@ -86,3 +86,18 @@ def same_everywhere(make: Callable[[], OutputParser], text: str,
     for cut in pieces:
         assert run(make(), cut).message() == whole.message(), cut
     return whole
+
+
+# Tools whose every argument is bounded (integer range, short string, enum, boolean), so
+# a constrained call ends within a few tokens even from random weights.
+BOUNDED_TOOLS = [
+    {"type": "function", "function": {"name": "set_alarm", "parameters": {
+        "type": "object",
+        "properties": {"hour": {"type": "integer", "minimum": 0, "maximum": 23},
+                       "label": {"type": "string", "maxLength": 8},
+                       "loud": {"type": "boolean"}},
+        "required": ["hour", "label", "loud"], "additionalProperties": False}}},
+    {"type": "function", "function": {"name": "pick", "parameters": {
+        "type": "object", "properties": {"color": {"enum": ["red", "green"]}},
+        "required": ["color"], "additionalProperties": False}}},
+]

@@ -16,6 +16,7 @@ import mlx.core as mx
 import pytest
 from batch_helpers import Engine, ForceTokens, generate, load_engine
 from mlx_lm.sample_utils import make_sampler
+from parser_helpers import BOUNDED_TOOLS as TOOLS
 from tool_model import XML_TEMPLATE
 
 from swan_serve.quant.fixtures.tokenizer import CHAT_TEMPLATE
@@ -23,17 +24,6 @@ from swan_serve.server.chat_features import ChatFeatures, FeatureError
 from swan_serve.server.parsers import assemble_calls
 from swan_serve.server.tool_choice import MAX_PARALLEL_CALLS, forced_calls_grammar
 
-TOOLS = [
-    {"type": "function", "function": {"name": "set_alarm", "parameters": {
-        "type": "object",
-        "properties": {"hour": {"type": "integer", "minimum": 0, "maximum": 23},
-                       "label": {"type": "string", "maxLength": 8},
-                       "loud": {"type": "boolean"}},
-        "required": ["hour", "label", "loud"], "additionalProperties": False}}},
-    {"type": "function", "function": {"name": "pick", "parameters": {
-        "type": "object", "properties": {"color": {"enum": ["red", "green"]}},
-        "required": ["color"], "additionalProperties": False}}},
-]
 QUESTION = [{"role": "user", "content": "Wake me at seven."}]
 FORMATS = ("hermes", "qwen3_xml", "mistral")
 

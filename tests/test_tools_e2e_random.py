@@ -12,21 +12,10 @@ from collections.abc import Iterator
 
 import openai
 import pytest
+from parser_helpers import BOUNDED_TOOLS
 from server_process import ServerProcess
 
 from swan_serve.quant.fixtures import write_checkpoint
-
-BOUNDED_TOOLS = [
-    {"type": "function", "function": {"name": "set_alarm", "parameters": {
-        "type": "object",
-        "properties": {"hour": {"type": "integer", "minimum": 0, "maximum": 23},
-                       "label": {"type": "string", "maxLength": 8},
-                       "loud": {"type": "boolean"}},
-        "required": ["hour", "label", "loud"], "additionalProperties": False}}},
-    {"type": "function", "function": {"name": "pick", "parameters": {
-        "type": "object", "properties": {"color": {"enum": ["red", "green"]}},
-        "required": ["color"], "additionalProperties": False}}},
-]
 
 
 @pytest.fixture(scope="module")
