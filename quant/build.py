@@ -131,7 +131,7 @@ def quantize_model(
     from .analyze import analyze_checkpoint
     from .convert import convert
     from .manifest import Manifest
-    from .mlx_names import build_name_map, checkpoint_shapes
+    from .mlx_names import build_name_map, checkpoint_shapes, tied_embeddings
     from .scoring import load_config
 
     recipe = recipe if isinstance(recipe, Recipe) else _load_recipe(recipe)
@@ -142,8 +142,8 @@ def quantize_model(
                                       on_progress=on_progress)
     ckpt = open_checkpoint(model_dir)
     name_map = build_name_map(ckpt.config, checkpoint_shapes(ckpt))
-    tied = bool(ckpt.config.get("tie_word_embeddings", False))
-    plan = build_plan(manifest, name_map, recipe, target_bpw, tied_embeddings=tied)
+    plan = build_plan(manifest, name_map, recipe, target_bpw,
+                      tied_embeddings=tied_embeddings(ckpt.config))
     staged_manifest = None
     if manifest_path is None:
         staged_manifest = out_dir.parent / f".{out_dir.name}.manifest.json"

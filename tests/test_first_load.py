@@ -46,6 +46,11 @@ def start_builder(model: Path, cache_dir: Path) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
 
 
+def swan_quant(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(SWAN_SERVE.with_name("swan-quant")), *args],
+                          capture_output=True, text=True, timeout=60)
+
+
 def served_path(output: str) -> Path:
     return Path(next(line.split(" ", 1)[1] for line in output.splitlines()
                      if line.startswith("SERVED ")))
@@ -83,6 +88,16 @@ def test_two_concurrent_starts_build_once(model: Path, tmp_path: Path) -> None:
     assert len(builds) == 1, outputs
     assert served_path(outputs[0]) == served_path(outputs[1])
     assert any("waiting" in out for out in outputs)
+
+    # `swan-quant cache` lists the one build and removes it.
+    cache_args = ["cache", "--cache-dir", str(tmp_path / "cache")]
+    (entry,) = ModelCache(tmp_path / "cache").entries()
+    listing = swan_quant(*cache_args, "ls")
+    assert listing.returncode == 0 and entry.key in listing.stdout and "budget" in listing.stdout
+    assert swan_quant(*cache_args, "rm", "no-such-key").returncode == 2
+    removed = swan_quant(*cache_args, "rm", entry.key[:6])
+    assert removed.returncode == 0 and f"removed {entry.key}" in removed.stdout
+    assert not ModelCache(tmp_path / "cache").entries()
 
 
 def test_sigkill_during_the_build_never_publishes_a_partial_model(
