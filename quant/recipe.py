@@ -12,11 +12,10 @@ mode = "mixed"       mlx_lm's mixed_4_6 rule: v_proj/down_proj of some layers an
 from __future__ import annotations
 
 import os
-import tomllib
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, field_validator
 
 from .affine import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
 
@@ -104,14 +103,6 @@ def recipe_path(name_or_path: str | os.PathLike) -> Path:
 
 
 def load_recipe(name_or_path: str | os.PathLike = DEFAULT_RECIPE) -> Recipe:
-    path = recipe_path(name_or_path)
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise RecipeError(f"cannot read recipe {path}: {exc}") from None
-    try:
-        return Recipe.model_validate(data)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise RecipeError(f"bad recipe {path}: {where}: {first['msg']}") from None
+    from swan_serve.configs import load_toml_as
+
+    return load_toml_as(recipe_path(name_or_path), Recipe, RecipeError, "recipe")

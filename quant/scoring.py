@@ -23,10 +23,9 @@ import hashlib
 import json
 import math
 import os
-import tomllib
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
 from .affine import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
 from .manifest import Scores
@@ -137,7 +136,7 @@ class AnalysisConfig(_Strict):
 
 def load_config(name_or_path: str | os.PathLike | None = None) -> AnalysisConfig:
     """A bundled preset by name (default swan-default) or a TOML file by path."""
-    from swan_serve.configs import preset_path
+    from swan_serve.configs import load_toml_as, preset_path
 
     text_name = str(name_or_path) if name_or_path is not None else DEFAULT_PRESET
     path = Path(text_name)
@@ -146,16 +145,7 @@ def load_config(name_or_path: str | os.PathLike | None = None) -> AnalysisConfig
             path = preset_path(text_name)
         except FileNotFoundError as exc:
             raise ConfigError(str(exc)) from None
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read config {path}: {exc}") from None
-    try:
-        return AnalysisConfig.model_validate(data)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise ConfigError(f"bad config {path}: {where}: {first['msg']}") from None
+    return load_toml_as(path, AnalysisConfig, ConfigError, "config")
 
 
 def _transform(metric: str, x: float, fraction: float) -> float:
