@@ -7,7 +7,10 @@ turn tokens into text deltas and hand them to the event loop in one wake-up.
 
 BatchGenerator already does what this needs: per-sequence samplers, logits processors,
 max_tokens and stop tokens, inserting sequences mid-flight and removing them at any stage
-(queued, prefilling, decoding). Text stop strings, logprobs and cancellation live here.
+(queued, prefilling, decoding). Text stop strings, logprobs and cancellation live here,
+and the prefix cache's side of it (prefix_reuse.py): each sequence starts from the longest
+cached prefix of its prompt, and the states it computes are saved at segment ends and when
+it ends.
 """
 
 from __future__ import annotations
@@ -18,11 +21,13 @@ import queue
 import time
 from collections import deque
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import mlx.core as mx
 from mlx_lm.generate import BatchGenerator
 
+from . import prefix_store
 from .generation import (
     Delta,
     GenerationFailed,
@@ -31,7 +36,9 @@ from .generation import (
     TokenLogprob,
     deliver_threadsafe,
 )
+from .kv_state import free_memory_bytes
 from .model_loading import LoadedModel
+from .prefix_reuse import Plan, PrefixReuse
 from .sampling import make_logits_processors, make_sampler
 from .textstream import IncrementalDecoder, SequenceText
 from .token_text import TokenText
@@ -44,6 +51,10 @@ log = logging.getLogger("swan_serve.engine")
 _PREFILL_BATCH = 8
 # Prompt tokens the incremental decoder starts from (context for the first token's text).
 _DECODE_CONTEXT = 4
+# The prefix cache's default budget: this share of the memory free once the model is loaded
+# (the rest is for the running batch's own caches, activations and the rest of the machine).
+_PREFIX_CACHE_SHARE = 0.25
+_PREFIX_CACHE_FALLBACK_BYTES = 1 << 30
 
 
 @dataclass(eq=False)
@@ -54,6 +65,7 @@ class _Sequence:
     uid: int = -1
     tokens: int = 0
     first_token_at: float = 0.0
+    plan: Plan | None = None
 
 
 class BatchLoop:
@@ -76,6 +88,14 @@ class BatchLoop:
         self._waiting: deque[_Sequence] = deque()
         self._active: dict[int, _Sequence] = {}
         self._token_text = TokenText(self._tokenizer)
+        self._prefixes = PrefixReuse(
+            _prefix_cache_budget(self._settings.prefix_cache_bytes),
+            turn_ends=self._tokenizer.eos_token_ids,
+            on_evict=lambda _entry: self._metrics.count_prefix_eviction(),
+        )
+        log.info("prefix cache: %.1f MiB", self._prefixes.cache.budget_bytes / 2**20)
+        self._saved_prefixes = self._saved_prefixes_folder(loaded)
+        self._load_prefixes()
         self._generator = self._new_generator()
 
     def _new_generator(self) -> BatchGenerator:
@@ -98,7 +118,40 @@ class BatchLoop:
                 self._step()
             self._engine.active_count = len(self._active)
             self._engine.waiting_count = len(self._waiting)
+            self._engine.prefix_cache_bytes = self._prefixes.cache.bytes_held
+            self._engine.prefix_cache_entries = len(self._prefixes.cache)
         self.fail_all("The server is shutting down.")
+        self._save_prefixes()
+
+    # ------------------------------------------------------------ prefix cache on disk
+
+    def _saved_prefixes_folder(self, loaded: LoadedModel) -> Path | None:
+        root = self._settings.prefix_cache_dir
+        if root is None or not self._prefixes.enabled or self._engine.model_dir is None:
+            return None
+        return root / prefix_store.model_key(self._engine.model_dir, loaded.compute_dtype)
+
+    def _load_prefixes(self) -> None:
+        if self._saved_prefixes is None:
+            return
+        try:
+            count = prefix_store.load(self._prefixes.cache, self._saved_prefixes)
+        except Exception:  # a damaged save costs its states, not the server
+            log.exception("could not read the saved prefix cache in %s", self._saved_prefixes)
+            self._prefixes.cache.clear()
+            return
+        log.info("prefix cache: read %d states (%.1f MiB) from %s", count,
+                 self._prefixes.cache.bytes_held / 2**20, self._saved_prefixes)
+
+    def _save_prefixes(self) -> None:
+        if self._saved_prefixes is None:
+            return
+        try:
+            count = prefix_store.save(self._prefixes.cache, self._saved_prefixes)
+        except Exception:
+            log.exception("could not save the prefix cache to %s", self._saved_prefixes)
+            return
+        log.info("prefix cache: saved %d states to %s", count, self._saved_prefixes)
 
     def _read_inbox(self, block: bool) -> bool:
         """Applies pending messages; False once asked to stop."""
@@ -130,47 +183,51 @@ class BatchLoop:
 
     def _admit(self) -> None:
         free = self._settings.max_concurrency - len(self._active)
-        batch = [self._waiting.popleft() for _ in range(min(free, len(self._waiting)))]
+        batch: list[_Sequence] = []
+        deferred: list[_Sequence] = []
+        while self._waiting and len(batch) < free:
+            seq = self._waiting.popleft()
+            seq.plan = self._prefixes.plan(seq.spec.prompt)
+            # None: another sequence is about to cache a longer prefix of this prompt.
+            (batch if seq.plan is not None else deferred).append(seq)
+        self._waiting.extendleft(reversed(deferred))
         if not batch:
             return
+        plans = [s.plan for s in batch if s.plan is not None]
         try:
             with mx.stream(self._stream):
-                uids = self._generator.insert(
-                    [s.spec.prompt for s in batch],
+                uids = self._generator.insert_segments(
+                    [p.segments for p in plans],
                     max_tokens=[s.spec.max_tokens for s in batch],
-                    caches=self._cached_prefixes(batch),
+                    caches=[p.state for p in plans],
+                    all_tokens=[p.all_tokens for p in plans],
                     samplers=[make_sampler(s.spec.sampling, s.spec.choice, self._vocab_size)
                               for s in batch],
                     logits_processors=[self._processors(s.spec) for s in batch],
                 )
         except Exception:  # these requests cannot start; the running batch is untouched
             log.exception("could not start %d sequences", len(batch))
+            for plan in plans:
+                self._prefixes.abandon(plan)
             self._engine.admission.release(len(batch))
             handles = list(dict.fromkeys(s.handle for s in batch))
             self._deliver([(h, GenerationFailed("The request could not be started."))
                            for h in handles])
             return
-        for seq, uid in zip(batch, uids, strict=True):
+        for seq, plan, uid in zip(batch, plans, uids, strict=True):
             seq.uid = uid
             self._active[uid] = seq
-            self._metrics.count_prompt(len(seq.spec.prompt), cached_tokens=0)
+            seq.handle.note_cached(id(seq.spec.prompt), plan.cached)
+            self._metrics.count_prompt(len(seq.spec.prompt), cached_tokens=plan.cached)
 
     @staticmethod
     def _processors(spec: SequenceSpec) -> list[Any]:
         processors = make_logits_processors(spec.sampling, len(spec.prompt))
         return processors + (spec.processors() if spec.processors else [])
 
-    def _cached_prefixes(self, batch: list[_Sequence]) -> list[Any] | None:
-        """Seam for the prefix cache: KV caches covering each prompt's known prefix.
-
-        None = every prompt is prefilled from scratch (cached_tokens stays 0). When this
-        returns caches, `insert` also needs the matching `all_tokens` prefixes.
-        """
-        return None
-
     def _step(self) -> None:
         try:
-            _, responses = self._generator.next()
+            prompt_responses, responses = self._generator.next()
         except Exception:
             log.exception("a generation step failed; failing the running requests")
             self.fail_all("Generation failed on the server.")
@@ -189,12 +246,50 @@ class BatchLoop:
                 ended.append((seq, delta.finish_reason))
                 if response.finish_reason is None:  # a stop string, not a stop token
                     stopped_early.append(response.uid)
+                else:
+                    self._save_final(seq, response.prompt_cache, response.all_tokens)
         if stopped_early:
-            self._generator.remove(stopped_early)
+            self._remove_saving([self._active[uid] for uid in stopped_early])
+        self._save_boundaries(prompt_responses)
         for seq, reason in ended:
             self._retire(seq, reason, now)
         self._metrics.count_tokens(len(responses))
         self._deliver(list(outgoing.items()))
+
+    def _save_boundaries(self, prompt_responses: list[Any]) -> None:
+        """Saves the states of sequences whose prompt reached a segment end this step."""
+        uids = [r.uid for r in prompt_responses
+                if r.end_of_segment and not r.end_of_prompt and r.uid in self._active]
+        if not uids:
+            return
+        with mx.stream(self._stream):  # copies queue behind the step that computed them
+            for uid, (cache, tokens) in self._extract(uids).items():
+                plan = self._active[uid].plan
+                if plan is not None:
+                    self._prefixes.reached(plan, cache, list(tokens))
+
+    def _extract(self, uids: list[int]) -> dict[int, tuple[Any, list[int]]]:
+        """The sequences' caches and the tokens they cover; {} if that fails (the prefix
+        cache is an optimisation: it never stops a step)."""
+        try:
+            return self._generator.extract_cache(uids)
+        except Exception:
+            log.exception("could not copy the caches of %d sequences", len(uids))
+            return {}
+
+    def _save_final(self, seq: _Sequence, cache: Any, tokens: list[int] | None) -> None:
+        if seq.plan is not None:
+            with mx.stream(self._stream):
+                self._prefixes.finished(seq.plan, cache, list(tokens) if tokens else None)
+
+    def _remove_saving(self, seqs: list[_Sequence]) -> None:
+        """Takes sequences out of the batch, keeping what they computed in the cache."""
+        with mx.stream(self._stream):
+            caches = self._extract([s.uid for s in seqs])
+        self._generator.remove([s.uid for s in seqs])
+        for seq in seqs:
+            cache, tokens = caches.get(seq.uid, (None, None))
+            self._save_final(seq, cache, tokens)
 
     def _advance(self, seq: _Sequence, response: Any, now: float) -> Delta:
         token = response.token
@@ -236,12 +331,14 @@ class BatchLoop:
             self._engine.admission.release(len(waiting))
         running = [s for s in self._active.values() if s.handle is handle]
         if running:
-            self._generator.remove([s.uid for s in running])
+            self._remove_saving(running)
             for seq in running:
                 self._retire(seq, "cancelled", now)
 
     def _retire(self, seq: _Sequence, reason: str, now: float) -> None:
         del self._active[seq.uid]
+        if seq.plan is not None:
+            self._prefixes.abandon(seq.plan)
         self._engine.admission.release()
         decode_time = now - seq.first_token_at if seq.tokens else 0.0
         self._metrics.sequence_finished(reason, now - seq.handle.created, decode_time,
@@ -250,6 +347,9 @@ class BatchLoop:
     def fail_all(self, message: str) -> None:
         """Ends every queued and running sequence with an error (and starts a fresh batch)."""
         handles = {s.handle for s in self._waiting} | {s.handle for s in self._active.values()}
+        for seq in self._active.values():
+            if seq.plan is not None:
+                self._prefixes.abandon(seq.plan)
         self._engine.admission.release(len(self._waiting) + len(self._active))
         self._waiting.clear()
         self._active.clear()
@@ -262,3 +362,10 @@ class BatchLoop:
             deliver_threadsafe(self._loop, items)
         except RuntimeError:  # the event loop is closed: the server is going away
             pass
+
+
+def _prefix_cache_budget(requested: int | None) -> int:
+    if requested is not None:
+        return requested
+    free = free_memory_bytes()
+    return int(free * _PREFIX_CACHE_SHARE) if free else _PREFIX_CACHE_FALLBACK_BYTES

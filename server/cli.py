@@ -17,7 +17,14 @@ from swan_serve.quant.resolve import ResolveError
 
 from .engine import ModelProvider
 from .parsers.registry import CHOICES
-from .settings import API_KEY_ENV, ServerSettings, api_key_from_env, parse_byte_size
+from .settings import (
+    API_KEY_ENV,
+    PREFIX_CACHE_DIR_ENV,
+    ServerSettings,
+    api_key_from_env,
+    parse_byte_size,
+    prefix_cache_dir_from_env,
+)
 
 DEMO_MODEL_NAME = "demo"
 # What a bad MODEL raises; each message is one line written for the user.
@@ -112,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--prefix-cache-bytes", type=_byte_size, metavar="SIZE",
         help="memory for cached prompt prefixes (KV states), e.g. 2GiB or 512MB; 0 turns the "
         "prefix cache off (default: a quarter of the memory free after loading the model)")
+    add("--prefix-cache-dir", type=Path, metavar="DIR",
+        help="save the prefix cache here at shutdown and read it back at start "
+        f"(or set {PREFIX_CACHE_DIR_ENV}; default: not saved)")
     add("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     add("--access-log", action="store_true", help="log every HTTP request")
     return parser
@@ -160,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
             dtype=args.dtype,
             tool_call_parser=args.tool_call_parser,
             prefix_cache_bytes=args.prefix_cache_bytes,
+            prefix_cache_dir=args.prefix_cache_dir or prefix_cache_dir_from_env(),
             log_level=args.log_level,
         )
     except MODEL_ERRORS as exc:
@@ -168,7 +179,10 @@ def main(argv: list[str] | None = None) -> int:
         first = exc.errors(include_url=False)[0]
         flag = "--" + str(first["loc"][0]).replace("_", "-") if first["loc"] else "argument"
         return _fail(f"{flag}: {first['msg']}")
-    return serve(settings, access_log=args.access_log, model_provider=model_provider)
+    try:
+        return serve(settings, access_log=args.access_log, model_provider=model_provider)
+    except KeyboardInterrupt:  # Ctrl-C while uvicorn was not yet (or no longer) handling it
+        return 130
 
 
 def serve(

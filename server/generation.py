@@ -80,6 +80,7 @@ class GenerationHandle:
     specs: list[SequenceSpec]
     prompt_tokens: int
     loop: asyncio.AbstractEventLoop
+    # Prompt tokens served from the prefix cache (see `note_cached`).
     cached_tokens: int = 0
     created: float = field(default_factory=time.monotonic)
     # Set on the event loop, read by the generation thread (a plain bool is enough).
@@ -87,6 +88,15 @@ class GenerationHandle:
     # Every choice finished (set on the event loop when the last delta is read).
     done: bool = False
     _queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    _cached_by_prompt: dict[int, int] = field(default_factory=dict)
+
+    def note_cached(self, prompt_id: int, tokens: int) -> None:
+        """Generation thread: one choice of prompt `prompt_id` started from `tokens` cached
+        tokens. Usage counts each prompt once, so a prompt whose choices started from
+        different prefixes reports the fewest, the tokens every one of them was spared."""
+        known = self._cached_by_prompt.get(prompt_id)
+        self._cached_by_prompt[prompt_id] = tokens if known is None else min(known, tokens)
+        self.cached_tokens = sum(self._cached_by_prompt.values())
 
     def put(self, item: list[Delta] | GenerationFailed) -> None:
         """Event-loop side; the generation thread goes through `deliver_threadsafe`."""

@@ -94,7 +94,13 @@ class Histogram:
 class ServerMetrics:
     """All of swan-serve's metrics; gauges read the engine through callbacks."""
 
-    def __init__(self, queue_depth: Callable[[], float], active_sequences: Callable[[], float]):
+    def __init__(
+        self,
+        queue_depth: Callable[[], float],
+        active_sequences: Callable[[], float],
+        prefix_cache_bytes: Callable[[], float] = lambda: 0,
+        prefix_cache_entries: Callable[[], float] = lambda: 0,
+    ):
         self._lock = threading.Lock()
         self.requests = Counter("swan_requests_total", "HTTP requests by route and status code.")
         self.prompt_tokens = Counter("swan_prompt_tokens_total", "Prompt tokens admitted.")
@@ -106,8 +112,14 @@ class ServerMetrics:
         self.prefix_cache_hits = Counter(
             "swan_prefix_cache_hits_total", "Prompt prefix-cache lookups that found a prefix."
         )
+        self.prefix_cache_misses = Counter(
+            "swan_prefix_cache_misses_total", "Prompt prefix-cache lookups that found nothing."
+        )
         self.prefix_cache_hit_tokens = Counter(
             "swan_prefix_cache_hit_tokens_total", "Prompt tokens served from the prefix cache."
+        )
+        self.prefix_cache_evictions = Counter(
+            "swan_prefix_cache_evictions_total", "States evicted from the prefix cache."
         )
         self.ttft = Histogram(
             "swan_time_to_first_token_seconds", "Request arrival to first token.",
@@ -123,6 +135,10 @@ class ServerMetrics:
         self._gauges = [
             Gauge("swan_queue_depth", "Sequences waiting for a decode slot.", queue_depth),
             Gauge("swan_active_sequences", "Sequences in the running batch.", active_sequences),
+            Gauge("swan_prefix_cache_bytes", "Bytes of KV states the prefix cache holds.",
+                  prefix_cache_bytes),
+            Gauge("swan_prefix_cache_entries", "KV states the prefix cache holds.",
+                  prefix_cache_entries),
         ]
 
     def count_request(self, route: str, status: int) -> None:
@@ -136,6 +152,12 @@ class ServerMetrics:
             if cached_tokens:
                 self.prefix_cache_hits.inc()
                 self.prefix_cache_hit_tokens.inc(cached_tokens)
+            else:
+                self.prefix_cache_misses.inc()
+
+    def count_prefix_eviction(self) -> None:
+        with self._lock:
+            self.prefix_cache_evictions.inc()
 
     def count_tokens(self, tokens: int) -> None:
         with self._lock:
@@ -157,7 +179,8 @@ class ServerMetrics:
     def render(self) -> str:
         families = [
             self.requests, self.prompt_tokens, self.generation_tokens, self.finished,
-            self.prefix_cache_queries, self.prefix_cache_hits, self.prefix_cache_hit_tokens,
+            self.prefix_cache_queries, self.prefix_cache_hits, self.prefix_cache_misses,
+            self.prefix_cache_hit_tokens, self.prefix_cache_evictions,
             self.ttft, self.tpot, self.latency,
         ]
         with self._lock:

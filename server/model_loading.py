@@ -19,6 +19,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 from mlx_lm.models.cache import make_prompt_cache
+from mlx_lm.models.switch_layers import SwitchLinear
 from mlx_lm.utils import load_model, load_tokenizer
 
 log = logging.getLogger("swan_serve.engine")
@@ -50,8 +51,9 @@ def load_local_model(model_dir: Path, dtype: str, max_model_len: int | None) -> 
     target = choose_compute_dtype(model, dtype, model_dtype)
     if target is not None and target != model_dtype:
         model.set_dtype(target)
-    mx.eval(model.parameters())
     compute = target or model_dtype
+    _check_experts_run(model, compute)
+    mx.eval(model.parameters())
     return LoadedModel(
         model=model,
         tokenizer=tokenizer,
@@ -90,6 +92,8 @@ def choose_compute_dtype(
         return getattr(mx, requested)
     if mx.default_device().type != mx.DeviceType.cpu or model_dtype == mx.float32:
         return None
+    if _has_dense_experts(model) and not _gather_mm_runs(model_dtype):
+        return mx.float32  # the only dtype this device's gather_mm computes in
     layer = _largest_linear(model)
     if layer is None:
         return None
@@ -101,6 +105,29 @@ def choose_compute_dtype(
         _dtype_name(model_dtype), native * 1e3, wide * 1e3,
     )
     return mx.float32 if wide * _FLOAT32_MIN_SPEEDUP < native else None
+
+
+def _has_dense_experts(model: nn.Module) -> bool:
+    """Unquantized mixture-of-experts layers (they run on gather_mm)."""
+    return any(isinstance(m, SwitchLinear) for _, m in model.named_modules())
+
+
+def _gather_mm_runs(dtype: mx.Dtype) -> bool:
+    """Whether gather_mm computes in `dtype` on this device (mlx's CPU build: float32 only)."""
+    a, b = mx.ones((1, 1, 4), dtype=dtype), mx.ones((2, 4, 4), dtype=dtype)
+    try:
+        mx.eval(mx.gather_mm(a, b, rhs_indices=mx.array([1], dtype=mx.uint32)))
+    except (RuntimeError, ValueError):
+        return False
+    return True
+
+
+def _check_experts_run(model: nn.Module, dtype: mx.Dtype | None) -> None:
+    if dtype is not None and _has_dense_experts(model) and not _gather_mm_runs(dtype):
+        raise ValueError(
+            f"this model's unquantized experts cannot compute in {_dtype_name(dtype)} on "
+            f"this device (mlx's gather_mm needs float32 here); use --dtype auto or float32"
+        )
 
 
 def _layer_call(layer: nn.Module, dtype: mx.Dtype, rows: int) -> Callable[[], mx.array]:

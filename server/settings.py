@@ -11,6 +11,9 @@ from pydantic import BaseModel, ConfigDict, Field
 # The API key may come from the environment so that it does not show in `ps`.
 API_KEY_ENV = "SWAN_SERVE_API_KEY"
 
+# Where the prefix cache is saved at shutdown and read back at start (no flag yet).
+PREFIX_CACHE_DIR_ENV = "SWAN_SERVE_PREFIX_CACHE_DIR"
+
 ComputeDtype = Literal["auto", "model", "float32", "float16", "bfloat16"]
 
 
@@ -45,6 +48,8 @@ class ServerSettings(BaseModel):
     # Bytes of KV states the prefix cache may hold; None: a quarter of the memory free once
     # the model is loaded; 0: no prefix cache.
     prefix_cache_bytes: int | None = Field(None, ge=0)
+    # None: the prefix cache lives in memory only.
+    prefix_cache_dir: Path | None = Field(default_factory=lambda: prefix_cache_dir_from_env())
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     @property
@@ -70,6 +75,11 @@ def parse_byte_size(text: str) -> int:
     if unit not in _BYTE_UNITS or amount < 0:
         raise ValueError(f"not a size in bytes: {text!r} (e.g. 2GiB, 512MB, 0)")
     return int(amount * _BYTE_UNITS[unit])
+
+
+def prefix_cache_dir_from_env() -> Path | None:
+    folder = os.environ.get(PREFIX_CACHE_DIR_ENV, "").strip()
+    return Path(folder).expanduser() if folder else None
 
 
 def api_key_from_env() -> str | None:

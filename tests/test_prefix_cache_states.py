@@ -1,0 +1,212 @@
+"""kv_state.py on real mlx_lm cache objects: which states can be cut back, that a hit copies
+nothing and leaves the stored state as it was, and that a stored state owns exactly the
+bytes it is counted for. Then PrefixReuse with a real model inside BatchGenerator."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import mlx.core as mx
+import pytest
+from mlx_lm.generate import BatchGenerator
+from mlx_lm.models.cache import ArraysCache, CacheList, KVCache, RotatingKVCache
+
+from swan_serve.server import prefix_store
+from swan_serve.server.kv_state import (
+    detached,
+    evaluate,
+    is_trimmable,
+    state_nbytes,
+    view,
+)
+from swan_serve.server.model_loading import load_local_model
+from swan_serve.server.prefix_cache import PrefixCache
+from swan_serve.server.prefix_reuse import PrefixReuse, cut, first_segment_end
+
+
+def kv_layer(cache, tokens: int, heads: int = 2, dim: int = 8):
+    keys = mx.random.normal((1, heads, tokens, dim))
+    cache.update_and_fetch(keys, keys + 1)
+    return cache
+
+
+def recurrent_layer(batch: int = 1) -> ArraysCache:
+    layer = ArraysCache(2)
+    layer[0] = mx.random.normal((batch, 3, 16))
+    layer[1] = mx.random.normal((batch, 2, 4, 4))
+    return layer
+
+
+def test_which_states_can_be_trimmed() -> None:
+    assert is_trimmable([kv_layer(KVCache(), 5)])
+    assert is_trimmable([kv_layer(RotatingKVCache(max_size=8), 5)])
+    # Once a sliding window has wrapped, old positions are overwritten: no way back.
+    assert not is_trimmable([kv_layer(RotatingKVCache(max_size=8), 12)])
+    assert not is_trimmable([recurrent_layer()])
+    assert not is_trimmable([kv_layer(KVCache(), 5), recurrent_layer()])
+    assert is_trimmable([CacheList(kv_layer(KVCache(), 5), kv_layer(KVCache(), 5))])
+    assert not is_trimmable([CacheList(kv_layer(KVCache(), 5), recurrent_layer())])
+
+
+def test_view_shares_arrays_and_forgets_only_in_the_copy() -> None:
+    stored = detached([kv_layer(KVCache(), 10), kv_layer(RotatingKVCache(max_size=64), 10)])
+    evaluate(stored)
+    before = [mx.array(layer.keys) for layer in stored]
+    trimmed = view(stored, trim=4)
+    assert [layer.offset for layer in trimmed] == [6, 6]
+    assert [layer.offset for layer in stored] == [10, 10]
+    assert all(t.keys is s.keys for t, s in zip(trimmed, stored, strict=True))
+    # What BatchGenerator does with it: merge into batch arrays, then keep writing there.
+    merged = KVCache.merge([trimmed[0], kv_layer(KVCache(), 3)])
+    merged.update_and_fetch(mx.ones((2, 2, 1, 8)), mx.ones((2, 2, 1, 8)))
+    mx.eval(merged.keys)
+    assert merged.size() == 7
+    assert mx.array_equal(merged.keys[0, :, :6], before[0][0, :, :6]).item()
+    window = RotatingKVCache.merge([trimmed[1], kv_layer(RotatingKVCache(max_size=64), 3)])
+    assert window.size() == 6
+    assert mx.array_equal(window.keys[0, :, :6], before[1][0, :, :6]).item()
+    assert all(mx.array_equal(b, s.keys).item() for b, s in zip(before, stored, strict=True))
+
+
+def test_detached_state_owns_exactly_its_bytes() -> None:
+    mx.synchronize()
+    baseline = mx.get_active_memory()
+    batch = recurrent_layer(batch=64)  # one row is what a finished sequence leaves behind
+    kv = kv_layer(KVCache(), 300)  # grown in steps of 256 positions: 512 allocated
+    mx.eval(batch.cache, kv.keys, kv.values)
+    row = ArraysCache(2)
+    row.cache = [batch[0][3:4], batch[1][3:4]]
+    state = detached([row, kv])
+    evaluate(state)
+    del batch, kv, row
+    mx.synchronize()
+    held = mx.get_active_memory() - baseline
+    assert state_nbytes(state) == (3 * 16 + 2 * 4 * 4 + 2 * 2 * 300 * 8) * 4
+    # A view would keep the 64-row arrays (and the 512-position buffers) alive.
+    assert state_nbytes(state) <= held <= state_nbytes(state) + 4096
+
+
+def test_cut_and_first_segment() -> None:
+    prompt = [5, 1, 9, 6, 1, 7, 7, 8]
+    assert cut(prompt, 0, [2, 7]) == [[5, 1], [9, 6, 1, 7, 7], [8]]
+    assert cut(prompt, 3, [2, 5, 8]) == [[6, 1], [7, 7, 8]]
+    assert first_segment_end(prompt, frozenset({1})) == 2  # a second turn end follows
+    assert first_segment_end([5, 1, 9, 9], frozenset({1})) is None  # one turn only
+
+
+@pytest.fixture(scope="module", params=["qwen3", "qwen3_5_moe"])
+def loaded(request, tiny_checkpoint):
+    return load_local_model(Path(tiny_checkpoint(request.param, tokenizer="small")), "auto", None)
+
+
+def run(model, reuse: PrefixReuse, prompts: list[list[int]], max_tokens: int = 6):
+    """Greedy tokens and cached counts per prompt through BatchGenerator, planned and saved
+    by `reuse`. A prompt told to wait for another's prefix runs in the next round."""
+    out: dict[int, list[int]] = {}
+    cached: dict[int, int] = {}
+    while len(out) < len(prompts):
+        generator = BatchGenerator(model, stop_tokens=[], completion_batch_size=8,
+                                   prefill_batch_size=8, prefill_step_size=64)
+        plans = {i: reuse.plan(p) for i, p in enumerate(prompts) if i not in out}
+        plans = {i: plan for i, plan in plans.items() if plan is not None}
+        assert plans
+        uids = generator.insert_segments([p.segments for p in plans.values()],
+                                         max_tokens=[max_tokens] * len(plans),
+                                         caches=[p.state for p in plans.values()],
+                                         all_tokens=[p.all_tokens for p in plans.values()])
+        index = dict(zip(uids, plans, strict=True))
+        for i, plan in plans.items():
+            out[i], cached[i] = [], plan.cached
+        running = set(uids)
+        while running:
+            prompt_responses, responses = generator.next()
+            ends = [r.uid for r in prompt_responses if r.end_of_segment and not r.end_of_prompt]
+            for uid, (cache, tokens) in generator.extract_cache(ends).items():
+                reuse.reached(plans[index[uid]], cache, list(tokens))
+            for r in responses:
+                out[index[r.uid]].append(r.token)
+                if r.finish_reason:
+                    running.discard(r.uid)
+                    reuse.finished(plans[index[r.uid]], r.prompt_cache, list(r.all_tokens))
+        generator.close()
+    return [out[i] for i in range(len(prompts))], [cached[i] for i in range(len(prompts))]
+
+
+def test_reuse_inside_batch_generator(loaded) -> None:
+    end = 3  # a turn-end token for this test
+    system = [7, 8, 9] * 30 + [end]
+    first = system + [20, 21, 22, end, 30]
+    second = system + [40, 41, end, 30]
+    cold = PrefixReuse(0, turn_ends=[end])
+    expected, cached = run(loaded.model, cold, [first, second])
+    assert cached == [0, 0]
+
+    reuse = PrefixReuse(64 << 20, turn_ends=[end])
+    got, cached = run(loaded.model, reuse, [first])
+    assert cached == [0]
+    got2, cached2 = run(loaded.model, reuse, [second, first])
+    assert got + got2 == [expected[0], expected[1], expected[0]]
+    # Both at once into a cold cache: the second waits for the first's system segment.
+    _, cached3 = run(loaded.model, PrefixReuse(64 << 20, turn_ends=[end]), [first, second])
+    assert cached3 == [0, len(system)]
+    # The system segment (ended by the first turn end) was saved on the way; the repeated
+    # prompt starts one token before its end, for either kind of model.
+    assert cached2 == [len(system), len(first) - 1]
+    assert reuse.cache.bytes_held == sum(state_nbytes(e.state) for e in reuse.cache.entries())
+
+
+def test_budget_holds_under_a_random_workload(loaded) -> None:
+    rng = random.Random(3)
+    heads = [[rng.randrange(10, 900) for _ in range(rng.randrange(5, 40))] + [3]
+             for _ in range(3)]
+    # Room for about three states of this model.
+    probe = PrefixReuse(64 << 20, turn_ends=[3])
+    run(loaded.model, probe, [heads[0] + [5, 5, 3, 5]])
+    budget = 3 * max(e.nbytes for e in probe.cache.entries())
+    evicted = []
+    reuse = PrefixReuse(budget, turn_ends=[3], on_evict=evicted.append)
+    hits = 0
+    for _ in range(8):
+        prompts = [rng.choice(heads) + [rng.randrange(10, 900)
+                                        for _ in range(rng.randrange(1, 40))] + [3, 5]
+                   for _ in range(rng.randrange(1, 4))]
+        _, cached = run(loaded.model, reuse, prompts, max_tokens=rng.randrange(1, 4))
+        hits += sum(c > 0 for c in cached)
+        entries = reuse.cache.entries()
+        # Counted from the arrays themselves, and never over the budget.
+        assert reuse.cache.bytes_held == sum(state_nbytes(e.state) for e in entries) <= budget
+    assert evicted and hits
+
+
+def test_saved_states_give_the_same_tokens_after_a_restart(loaded, tmp_path: Path) -> None:
+    end = 3
+    system = [11, 12, 13] * 20 + [end]
+    prompt = system + [50, 51, 52, end, 30]
+    reuse = PrefixReuse(64 << 20, turn_ends=[end])
+    expected, _ = run(loaded.model, reuse, [prompt])
+    folder = tmp_path / "saved"
+    assert prefix_store.save(reuse.cache, folder) == len(reuse.cache) > 0
+
+    restarted = PrefixReuse(64 << 20, turn_ends=[end])
+    assert prefix_store.load(restarted.cache, folder) == len(reuse.cache)
+    assert restarted.cache.bytes_held == reuse.cache.bytes_held
+    got, cached = run(loaded.model, restarted, [prompt, system + [60, end, 30]])
+    assert got[0] == expected[0]
+    assert cached == [len(prompt) - 1, len(system)]
+    # Saving again replaces the folder; a budget smaller than the save keeps what fits,
+    # the most recently used first.
+    prefix_store.save(restarted.cache, folder)
+    small = PrefixCache(max(e.nbytes for e in restarted.cache.entries()))
+    assert prefix_store.load(small, folder) == 1
+    assert not list(tmp_path.glob(".*"))  # no staging folders left behind
+
+
+def test_model_key_names_the_files_and_dtype(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "model.safetensors").write_bytes(b"weights")
+    key = prefix_store.model_key(tmp_path, "float32")
+    assert key == prefix_store.model_key(tmp_path, "float32")
+    assert key != prefix_store.model_key(tmp_path, "bfloat16")
+    (tmp_path / "model.safetensors").write_bytes(b"other weights")
+    assert key != prefix_store.model_key(tmp_path, "float32")
