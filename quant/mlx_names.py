@@ -146,6 +146,11 @@ def build_name_map(
     return NameMap(config.get("model_type", ""), tuple(tensors), dropped)
 
 
+def tied_embeddings(config: dict) -> bool:
+    """Whether lm_head reuses the embedding (nested under text_config for Qwen3.5)."""
+    return bool(config.get("text_config", config).get("tie_word_embeddings", False))
+
+
 def checkpoint_shapes(ckpt: Checkpoint) -> dict[str, tuple[int, ...]]:
     return {t.name: t.shape for t in ckpt.tensors}
 
