@@ -159,17 +159,18 @@ class ModelCache:
         return final
 
     def clean_stale(self, own_key: str | None = None) -> list[Path]:
-        """Remove builds left by crashed processes (those whose lock nobody holds)."""
+        """Remove what crashed builds left in tmp/: every file or directory there is
+        named after its entry's key, and is stale once nobody holds that key's lock."""
         removed = []
         for path in sorted(self.tmp_dir.glob("*")):
-            key = path.name.split(".", 1)[0]
+            key = path.name.lstrip(".").split(".", 1)[0]
             if key == own_key:  # we hold this lock, so no one else is writing here
-                shutil.rmtree(path, ignore_errors=True)
+                _remove(path)
                 removed.append(path)
                 continue
             with self._try_lock(key) as locked:
                 if locked:
-                    shutil.rmtree(path, ignore_errors=True)
+                    _remove(path)
                     removed.append(path)
         return removed
 
@@ -224,6 +225,13 @@ class ModelCache:
                 yield True
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def _gb(n: int) -> str:
