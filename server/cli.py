@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -180,9 +181,24 @@ def main(argv: list[str] | None = None) -> int:
         flag = "--" + str(first["loc"][0]).replace("_", "-") if first["loc"] else "argument"
         return _fail(f"{flag}: {first['msg']}")
     try:
-        return serve(settings, access_log=args.access_log, model_provider=model_provider)
+        code = serve(settings, access_log=args.access_log, model_provider=model_provider)
     except KeyboardInterrupt:  # Ctrl-C while uvicorn was not yet (or no longer) handling it
-        return 130
+        code = 130
+    _exit_skipping_native_teardown(code)
+    return code  # not reached
+
+
+def _exit_skipping_native_teardown(code: int) -> None:
+    """End the process once the server has shut down and saved what it keeps.
+
+    Native threads that MLX started can abort the interpreter's final teardown
+    ("terminate called without an active exception", SIGABRT) after all work is done;
+    by now every file is written and closed, so that teardown is skipped.
+    """
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def serve(
