@@ -56,7 +56,7 @@ def test_mlx_lm_loads_and_generates(tiny_checkpoint, arch: str) -> None:
     assert bool(mx.all(mx.isfinite(logits)))
 
     tokens = [r.token for r in mlx_lm.stream_generate(model, tokenizer, prompt, max_tokens=4)]
-    assert 1 <= len(tokens) <= 4
+    assert 0 < len(tokens) <= 4
     assert all(0 <= t < vocab for t in tokens)
 
 

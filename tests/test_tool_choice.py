@@ -102,7 +102,7 @@ def test_parallel_calls_when_allowed(engine: Engine) -> None:
     [(tokens, finish)] = generate(engine, [ids], [make()], 500, [make_sampler(temp=1.0)])
     content, calls = answer(feats, request, tokens, ids)
     assert finish == "stop" and content == ""
-    assert 1 <= len(calls) <= MAX_PARALLEL_CALLS
+    assert 0 < len(calls) <= MAX_PARALLEL_CALLS
     for call in calls:
         assert_valid(*call)
 
