@@ -42,6 +42,7 @@ from .progress import ProgressCallback, phase_progress
 from .safetensors_out import (
     DEFAULT_MAX_SHARD_BYTES,
     DTYPE_OF_NAME,
+    INDEX_NAME,
     OutTensor,
     ShardWriter,
     plan_shards,
@@ -221,8 +222,9 @@ class _Writer:
             raise
         for w in shard_writers:
             w.close()
-        write_index(folder, shards, names)
         self.bytes_written = sum(o.nbytes for shard in shards for o in shard)
+        weight_map = {o.key: name for shard, name in zip(shards, names, strict=True) for o in shard}
+        write_index(folder / INDEX_NAME, weight_map, self.bytes_written)
         return errors
 
     def _write(self, key: str, data: np.ndarray, first_element: int = 0) -> None:

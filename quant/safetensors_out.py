@@ -119,10 +119,8 @@ class ShardWriter:
             raise RuntimeError(f"{self.path.name}: {short[0]} was not written completely")
 
 
-def write_index(folder: Path, shards: list[list[OutTensor]], names: list[str]) -> None:
-    weight_map = {t.key: name for shard, name in zip(shards, names, strict=True) for t in shard}
-    index = {
-        "metadata": {"total_size": sum(t.nbytes for shard in shards for t in shard)},
-        "weight_map": dict(sorted(weight_map.items())),
-    }
-    (folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+def write_index(path: Path, weight_map: dict[str, str], total_size: int) -> None:
+    """model.safetensors.index.json: tensor -> shard file, total_size = data bytes (as
+    transformers writes it)."""
+    index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
+    path.write_text(json.dumps(index, indent=2) + "\n")

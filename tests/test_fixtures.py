@@ -20,7 +20,8 @@ import pytest
 from swan_serve.quant.fixtures import ARCHITECTURES, tensor_specs, write_checkpoint
 from swan_serve.quant.fixtures.configs import read_config
 from swan_serve.quant.fixtures.random_weights import to_dtype_bytes
-from swan_serve.quant.fixtures.safetensors_stream import iter_header, shard_file_name
+from swan_serve.quant.fixtures.safetensors_stream import iter_header
+from swan_serve.quant.safetensors_out import shard_names
 
 MOE_ARCHITECTURES = {"qwen3_moe", "qwen3_5_moe"}
 
@@ -289,6 +290,6 @@ def test_full_width_write_follows_real_shapes_and_shards(
     real_files = sorted({real_map[name] for name in headers})
     assert len(real_files) == 3  # shards 1 (embeddings, layer 0), 4 (norm), 5 (lm_head)
     for name, (_, file) in headers.items():
-        assert file == shard_file_name(real_files.index(real_map[name]), len(real_files))
+        assert file == shard_names(len(real_files))[real_files.index(real_map[name])]
     written = json.loads((path / "config.json").read_text())
     assert written["num_hidden_layers"] == 1 and written["intermediate_size"] == 12288
