@@ -16,6 +16,7 @@ it ends.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import queue
 import time
@@ -38,8 +39,10 @@ from .generation import (
 )
 from .kv_state import free_memory_bytes
 from .model_loading import LoadedModel
+from .prefill_schedule import PrefillScheduler
 from .prefix_reuse import Plan, PrefixReuse
 from .sampling import make_logits_processors, make_sampler
+from .step_costs import PrefillWork
 from .textstream import IncrementalDecoder, SequenceText
 from .token_text import TokenText
 
@@ -48,6 +51,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("swan_serve.engine")
 
+# The most sequences that prefill together; prefill_schedule.py picks fewer when that
+# gets first tokens out sooner on this device.
 _PREFILL_BATCH = 8
 # Prompt tokens the incremental decoder starts from (context for the first token's text).
 _DECODE_CONTEXT = 4
@@ -96,6 +101,7 @@ class BatchLoop:
         log.info("prefix cache: %.1f MiB", self._prefixes.cache.budget_bytes / 2**20)
         self._saved_prefixes = self._saved_prefixes_folder(loaded)
         self._load_prefixes()
+        self._prefill = PrefillScheduler(cap=min(_PREFILL_BATCH, self._settings.max_concurrency))
         self._generator = self._new_generator()
 
     def _new_generator(self) -> BatchGenerator:
@@ -104,7 +110,7 @@ class BatchLoop:
             self._model,
             stop_tokens=[[t] for t in sorted(self._tokenizer.eos_token_ids)],
             completion_batch_size=slots,
-            prefill_batch_size=min(_PREFILL_BATCH, slots),
+            prefill_batch_size=self._prefill.cap,
             prefill_step_size=self._settings.prefill_step_size,
             stream=self._stream,
         )
@@ -183,9 +189,14 @@ class BatchLoop:
 
     def _admit(self) -> None:
         free = self._settings.max_concurrency - len(self._active)
+        if free <= 0 or not self._waiting or self._prefill.busy:
+            return
+        candidates = list(itertools.islice(self._waiting, free))
+        take = self._prefill.how_many([self._prefill_work(s) for s in candidates],
+                                      decode_rows=len(self._active))
         batch: list[_Sequence] = []
         deferred: list[_Sequence] = []
-        while self._waiting and len(batch) < free:
+        while self._waiting and len(batch) < take:
             seq = self._waiting.popleft()
             seq.plan = self._prefixes.plan(seq.spec.prompt)
             # None: another sequence is about to cache a longer prefix of this prompt.
@@ -217,8 +228,14 @@ class BatchLoop:
         for seq, plan, uid in zip(batch, plans, uids, strict=True):
             seq.uid = uid
             self._active[uid] = seq
+            self._prefill.started(uid, plan.cached, len(seq.spec.prompt))
             seq.handle.note_cached(id(seq.spec.prompt), plan.cached)
             self._metrics.count_prompt(len(seq.spec.prompt), cached_tokens=plan.cached)
+
+    def _prefill_work(self, seq: _Sequence) -> PrefillWork:
+        """What starting `seq` now would compute before its last token."""
+        cached = self._prefixes.cached_length(seq.spec.prompt)
+        return PrefillWork(len(seq.spec.prompt) - 1 - cached, cached)
 
     @staticmethod
     def _processors(spec: SequenceSpec) -> list[Any]:
@@ -226,6 +243,7 @@ class BatchLoop:
         return processors + (spec.processors() if spec.processors else [])
 
     def _step(self) -> None:
+        started = time.monotonic()
         try:
             prompt_responses, responses = self._generator.next()
         except Exception:
@@ -233,6 +251,7 @@ class BatchLoop:
             self.fail_all("Generation failed on the server.")
             return
         now = time.monotonic()
+        self._prefill.step_done(now - started, len(responses), prompt_responses)
         outgoing: dict[GenerationHandle, list[Delta]] = {}
         stopped_early: list[int] = []
         ended: list[tuple[_Sequence, str]] = []
@@ -337,6 +356,7 @@ class BatchLoop:
 
     def _retire(self, seq: _Sequence, reason: str, now: float) -> None:
         del self._active[seq.uid]
+        self._prefill.ended(seq.uid)
         if seq.plan is not None:
             self._prefixes.abandon(seq.plan)
         self._engine.admission.release()
@@ -348,6 +368,7 @@ class BatchLoop:
         """Ends every queued and running sequence with an error (and starts a fresh batch)."""
         handles = {s.handle for s in self._waiting} | {s.handle for s in self._active.values()}
         for seq in self._active.values():
+            self._prefill.ended(seq.uid)
             if seq.plan is not None:
                 self._prefixes.abandon(seq.plan)
         self._engine.admission.release(len(self._waiting) + len(self._active))

@@ -103,8 +103,9 @@ class PrefixCache:
 
     # ------------------------------------------------------------ lookup
 
-    def lookup(self, tokens: Sequence[int], limit: int) -> Match | None:
-        """The longest reusable prefix of `tokens`, at most `limit` tokens; marks it used."""
+    def lookup(self, tokens: Sequence[int], limit: int, touch: bool = True) -> Match | None:
+        """The longest reusable prefix of `tokens`, at most `limit` tokens; marks it used
+        unless `touch` is False (a look that does not use it)."""
         node, i = self._root, 0
         best: Match | None = None
         # (node, n): every state at or under `node` shares the prompt's first n tokens.
@@ -127,7 +128,7 @@ class PrefixCache:
             if node.trimmable_below:
                 best = Match(usable, self._trimmable_under(node))
                 break
-        if best is not None:
+        if best is not None and touch:
             # Using a prefix uses the shorter states on its path too (the shared segment
             # above a conversation's turns); the one used goes last, as the most recent.
             for node, _ in path:

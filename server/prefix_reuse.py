@@ -104,6 +104,13 @@ class PrefixReuse:
         self._in_flight.add(plan)
         return plan
 
+    def cached_length(self, prompt: Sequence[int]) -> int:
+        """Prompt tokens a sequence would start with from the cache now (nothing is used)."""
+        if not self.enabled:
+            return 0
+        match = self.cache.lookup(prompt, len(prompt) - 1, touch=False)
+        return match.length if match else 0
+
     def _boundaries(self, prompt: Sequence[int], cached: int) -> list[tuple[int, Priority]]:
         marks = {len(prompt) - 1: Priority.TURN}
         shared = first_segment_end(prompt, self._turn_ends)
