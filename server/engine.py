@@ -80,6 +80,7 @@ class Engine:
         self.prefix_cache_entries = 0
         # Set once the model is loaded.
         self.tokenizer: Any = None
+        self.prompt_encoder: Any = None  # prompt_tokens.PromptEncoder, once loaded
         self.context_length: int | None = None
         self.vocab_size = 0
         self.compute_dtype = ""
@@ -130,6 +131,9 @@ class Engine:
             return
         self.tokenizer = loaded.tokenizer
         from .chat_features import ChatFeatures
+        from .prompt_tokens import PromptEncoder
+
+        self.prompt_encoder = PromptEncoder(loaded.tokenizer)
 
         self.chat_features = ChatFeatures.for_tokenizer(
             loaded.tokenizer, loaded.vocab_size, self.settings.tool_call_parser)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from .errors import invalid
+from .prompt_tokens import PromptEncoder
 from .protocol import ChatCompletionRequest, CompletionRequest
 from .tool_messages import MessageError, template_messages
 
@@ -17,7 +18,10 @@ _RESERVED_TEMPLATE_KWARGS = {
 }
 
 
-def chat_prompt(tokenizer: Any, request: ChatCompletionRequest) -> list[int]:
+def chat_prompt(tokenizer: Any, encoder: PromptEncoder, request: ChatCompletionRequest
+                ) -> list[int]:
+    """The request's messages through the model's chat template, as token ids (the text
+    between added tokens tokenized through `encoder`, which reuses stretches seen before)."""
     try:
         messages = template_messages(request.messages)
     except MessageError as exc:
@@ -30,12 +34,12 @@ def chat_prompt(tokenizer: Any, request: ChatCompletionRequest) -> list[int]:
     if not tokenizer.has_chat_template:
         return list(tokenizer.encode(_plain_chat(messages)))
     try:
-        ids = tokenizer.apply_chat_template(
-            messages, tools=tools, add_generation_prompt=True, tokenize=True, **template_kwargs
+        text = tokenizer.apply_chat_template(
+            messages, tools=tools, add_generation_prompt=True, tokenize=False, **template_kwargs
         )
     except Exception as exc:  # jinja errors: the template refused these messages
         raise invalid(f"The chat template rejected the messages: {exc}", "messages") from None
-    return list(ids)
+    return encoder.encode(text)
 
 
 def _plain_chat(messages: list[dict[str, Any]]) -> str:

@@ -118,7 +118,8 @@ async def chat_completions(request: Request) -> Response:
         tools = features.check_request(req)
     except FeatureError as exc:
         raise invalid(str(exc), exc.param) from None
-    prompt = await _off_loop(ctx, chat_prompt, ctx.engine.tokenizer, req)
+    prompt = await _off_loop(ctx, chat_prompt, ctx.engine.tokenizer, ctx.engine.prompt_encoder,
+                             req)
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
     max_tokens = max_new_tokens(req, len(prompt), ctx.limits())
     try:
