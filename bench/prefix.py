@@ -17,6 +17,10 @@ end-of-sequence tokens banned so every reply has the same length.
 2. clients: --clients conversations at once, --client-turns turns each, all sharing the
    same system prompt and tools (and nothing else).
 
+Each request is sent --settle seconds after the previous one ended, so that what one
+server still does after its reply (saving caches, freeing memory, collecting garbage) does
+not land on the next server's measurement on a machine with few cores.
+
 Both phases run --repeats times, each time with a new system prompt (so each run starts
 cold); the tables show the median TTFT over the runs. Prints TTFT per turn, the prompt
 tokens each server computed (prompt - cached, from the responses' usage; first run) and
@@ -202,6 +206,7 @@ def agent_phase(servers: dict[str, tuple[ServerProcess, str]], args, banned: lis
     replies: dict[str, list[Reply]] = {label: [] for label in servers}
     for turn in range(1, args.turns + 1):
         for label, (server, model) in servers.items():
+            time.sleep(args.settle)
             replies[label].append(talks[label].turn(server.port, model, turn,
                                                     args.max_tokens, banned))
         row = "  ".join(f"{label} {replies[label][-1].ttft * 1000:7.0f} ms"
@@ -221,6 +226,7 @@ def clients_phase(servers: dict[str, tuple[ServerProcess, str]], args, banned: l
     replies: dict[str, list[list[Reply]]] = {label: [] for label in servers}
     for turn in range(1, args.client_turns + 1):
         for label, (server, model) in servers.items():
+            time.sleep(args.settle)
             replies[label].append(together(talks[label], server.port, model, turn,
                                            args.max_tokens, banned))
         row = "  ".join(f"{label} {_mean_ttft(replies[label][-1]):7.0f} ms" for label in servers)
@@ -323,6 +329,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tools", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=3,
                         help="runs of both phases, each cold; tables show median TTFTs")
+    parser.add_argument("--settle", type=float, default=0.25,
+                        help="seconds between one request's end and the next request")
     parser.add_argument("--quick", action="store_true", help="6 turns, 1 client turn, 1 run")
     args = parser.parse_args(argv)
     if args.quick:
