@@ -101,7 +101,8 @@ class BatchLoop:
         log.info("prefix cache: %.1f MiB", self._prefixes.cache.budget_bytes / 2**20)
         self._saved_prefixes = self._saved_prefixes_folder(loaded)
         self._load_prefixes()
-        self._prefill = PrefillScheduler(cap=min(_PREFILL_BATCH, self._settings.max_concurrency))
+        self._prefill = PrefillScheduler(cap=min(_PREFILL_BATCH, self._settings.max_concurrency),
+                                         chunk=self._settings.prefill_step_size)
         self._generator = self._new_generator()
 
     def _new_generator(self) -> BatchGenerator:
@@ -189,7 +190,7 @@ class BatchLoop:
 
     def _admit(self) -> None:
         free = self._settings.max_concurrency - len(self._active)
-        if free <= 0 or not self._waiting or self._prefill.busy:
+        if free <= 0 or not self._waiting or not self._prefill.may_start():
             return
         candidates = list(itertools.islice(self._waiting, free))
         take = self._prefill.how_many([self._prefill_work(s) for s in candidates],

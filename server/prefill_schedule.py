@@ -9,13 +9,16 @@ the group size chosen is the one with the lowest mean finish time, i.e. the lowe
 time to first token for the queue. Short prompts on a device with a large fixed step cost
 batch up to the cap; long ones where attention is expensive go one or two at a time.
 
-A group runs until every member has only its last token left (that one is computed by the
-decode step with the running batch); then the next group is chosen. Until the step costs
-are known (the first few steps after start) everything batches up to the cap.
+A group runs until every member has moved to the decode batch; then the next group is
+chosen. One exception keeps a long prompt from blocking the queue: while a member still has
+more than a few prefill chunks to go, prompts that fit in one chunk join it at once (each
+costs the long one about a step; waiting would cost them all its remaining steps). Until
+the step costs are known (the first few steps after start) everything batches up to the cap.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -54,16 +57,32 @@ class _Reading:
         return self.done < self.total
 
 
+# A group member with more prefill chunks than this still to go lets short prompts join.
+_LONG_PREFILL_CHUNKS = 3
+
+
 class PrefillScheduler:
-    def __init__(self, cap: int):
+    def __init__(self, cap: int, chunk: int):
         self.cap = cap
+        self.chunk = chunk  # BatchGenerator's prefill_step_size
         self.costs = StepCosts()
         self._reading: dict[int, _Reading] = {}
 
+    def _prefilling(self) -> list[_Reading]:
+        return [r for r in self._reading.values() if r.prefilling]
+
     @property
     def busy(self) -> bool:
-        """Whether the current group still has prompt tokens to compute."""
-        return any(r.prefilling for r in self._reading.values())
+        """Whether the current group is still reading its prompts."""
+        return bool(self._prefilling())
+
+    def may_start(self) -> bool:
+        """Whether how_many can be more than 0 now (a cheap test before costing prompts)."""
+        group = self._prefilling()
+        return not group or (len(group) < self.cap and self._long(group))
+
+    def _long(self, group: list[_Reading]) -> bool:
+        return any(r.total - 1 - r.done > _LONG_PREFILL_CHUNKS * self.chunk for r in group)
 
     def started(self, uid: int, cached: int, prompt_length: int) -> None:
         self._reading[uid] = _Reading(cached, prompt_length - cached)
@@ -73,7 +92,13 @@ class PrefillScheduler:
 
     def how_many(self, waiting: Sequence[PrefillWork], decode_rows: int) -> int:
         """How many of `waiting` (arrival order) to start now."""
-        if not waiting or self.busy:
+        group = self._prefilling()
+        if group:
+            if not self._long(group):
+                return 0
+            short = itertools.takewhile(lambda w: w.tokens <= self.chunk, waiting)
+            return min(sum(1 for _ in short), self.cap - len(group))
+        if not waiting:
             return 0
         if not self.costs.ready:
             return min(len(waiting), self.cap)

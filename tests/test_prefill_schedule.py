@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from mlx_lm.generate import BatchGenerator
+from mlx_lm.generate import BatchGenerator, PromptProcessingBatch
 
 from swan_serve.server.model_loading import load_local_model
 from swan_serve.server.prefill_schedule import PrefillScheduler, group_size
@@ -94,7 +94,7 @@ def test_group_size_by_hand() -> None:
 
 
 def test_scheduler_batches_everything_until_costs_are_known() -> None:
-    schedule = PrefillScheduler(cap=4)
+    schedule = PrefillScheduler(cap=4, chunk=512)
     waiting = [PrefillWork(2000, 0)] * 6
     assert schedule.how_many(waiting, decode_rows=0) == 4
     for step in synthetic_steps((5e-3, 6e-4, 1.3e-4, 1.2e-7), 50):
@@ -102,6 +102,23 @@ def test_scheduler_batches_everything_until_costs_are_known() -> None:
     # Known costs: prompts this long go one at a time, short ones together.
     assert schedule.how_many(waiting, decode_rows=0) == 1
     assert schedule.how_many([PrefillWork(3, 0)] * 6, decode_rows=8) == 4
+
+
+def test_short_prompts_join_a_long_prefill_instead_of_waiting_for_it() -> None:
+    schedule = PrefillScheduler(cap=3, chunk=100)
+    schedule.started(0, cached=0, prompt_length=1000)  # ten chunks to go
+    assert schedule.busy and schedule.may_start()
+    waiting = [PrefillWork(50, 0), PrefillWork(80, 900), PrefillWork(500, 0), PrefillWork(9, 0)]
+    # The two short ones at the head of the queue; the long third keeps its place (and the
+    # short fourth behind it); never more than the cap with the group.
+    assert schedule.how_many(waiting, decode_rows=0) == 2
+    schedule.started(1, cached=0, prompt_length=51)
+    assert schedule.how_many(waiting[1:], decode_rows=0) == 1
+    # Near its end the long prompt no longer lets others in: they wait for the next group.
+    progress = PromptProcessingBatch.Response(0, (800, 1000), True, False)
+    schedule.step_done(0.1, 0, [progress])
+    assert schedule.busy and not schedule.may_start()
+    assert schedule.how_many(waiting, decode_rows=0) == 0
 
 
 # ------------------------------------------------------------ with a real model
@@ -117,7 +134,7 @@ def test_progress_is_read_as_the_tokens_each_step_computed(model) -> None:
     to decoding) and checks what the scheduler reads from it against the prompts: every
     prompt token but the last is counted once, in chunks of at most prefill_step_size, each
     over the tokens before it; `busy` holds exactly until the group is decoding."""
-    schedule = PrefillScheduler(cap=4)
+    schedule = PrefillScheduler(cap=4, chunk=32)
     generator = BatchGenerator(model, stop_tokens=[], completion_batch_size=4,
                                prefill_batch_size=4, prefill_step_size=32)
     rng = random.Random(1)
