@@ -38,6 +38,7 @@ import statistics
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -241,24 +242,29 @@ def _mean_ttft(replies: list[Reply]) -> float:
     return 1000 * statistics.mean(r.ttft for r in replies)
 
 
-def median_agent(runs: list[dict[str, list[Reply]]]) -> dict[str, list[Reply]]:
-    """Per server and turn: the median TTFT over the runs, the first run's token counts."""
+Pick = Callable[[Iterable[float]], float]
+
+
+def agent_over_runs(runs: list[dict[str, list[Reply]]], pick: Pick) -> dict[str, list[Reply]]:
+    """Per server and turn: `pick` (median, min) of the TTFTs over the runs, the first
+    run's token counts."""
     first = runs[0]
-    return {label: [Reply(statistics.median(run[label][t].ttft for run in runs),
+    return {label: [Reply(pick(run[label][t].ttft for run in runs),
                           reply.prompt_tokens, reply.cached_tokens, reply.text)
                     for t, reply in enumerate(first[label])]
             for label in first}
 
 
-def median_clients(runs: list[dict[str, list[list[Reply]]]]) -> dict[str, list[list[Reply]]]:
-    """Per server and turn: each client's reply with the median (over the runs) of that
-    turn's mean TTFT, so the table's mean is the median of the runs' means."""
+def clients_over_runs(runs: list[dict[str, list[list[Reply]]]], pick: Pick
+                      ) -> dict[str, list[list[Reply]]]:
+    """Per server and turn: each client's reply with `pick` (over the runs) of that turn's
+    mean TTFT, so the table's mean is e.g. the median of the runs' means."""
     first = runs[0]
     out: dict[str, list[list[Reply]]] = {}
     for label, turns in first.items():
         out[label] = []
         for t, group in enumerate(turns):
-            ttft = statistics.median(_mean_ttft(run[label][t]) for run in runs) / 1000
+            ttft = pick(_mean_ttft(run[label][t]) for run in runs) / 1000
             out[label].append([Reply(ttft, r.prompt_tokens, r.cached_tokens, r.text)
                                for r in group])
     return out
@@ -304,6 +310,19 @@ def print_clients(replies: dict[str, list[list[Reply]]], clients: int) -> tuple[
         slower_rows += ta > tc
     _print_totals(replies)
     return worst_cached, slower_rows
+
+
+def print_best(agent: dict[str, list[Reply]], clients: dict[str, list[list[Reply]]],
+               repeats: int) -> None:
+    """The best of the runs per row: what each server does when the machine's other load
+    leaves it alone (that load only ever adds time)."""
+    ours, theirs = agent["swan-serve"], agent["mlx_lm.server"]
+    ratios = [a.ttft / b.ttft for a, b in zip(ours, theirs, strict=True)]
+    client_ratios = [_mean_ttft(a) / _mean_ttft(b) for a, b in
+                     zip(clients["swan-serve"], clients["mlx_lm.server"], strict=True)]
+    print(f"\nbest of {repeats} runs per row, swan-serve / mlx_lm.server: agent turns "
+          f"{min(ratios):.3f}-{max(ratios):.3f} ({sum(r > 1 for r in ratios)} rows above 1), "
+          f"clients turns " + ", ".join(f"{r:.3f}" for r in client_ratios))
 
 
 def _print_totals(replies: dict[str, list[list[Reply]]]) -> None:
@@ -362,9 +381,12 @@ def main(argv: list[str] | None = None) -> int:
             agent_runs.append(agent_phase(servers, args, banned, run))
             client_runs.append(clients_phase(servers, args, banned, run))
         metrics = runs["swan-serve"].metrics()
-    agent, clients = median_agent(agent_runs), median_clients(client_runs)
+    agent = agent_over_runs(agent_runs, statistics.median)
+    clients = clients_over_runs(client_runs, statistics.median)
     worst_agent, slower_agent = print_agent(agent)
     worst_clients, slower_clients = print_clients(clients, args.clients)
+    print_best(agent_over_runs(agent_runs, min), clients_over_runs(client_runs, min),
+               args.repeats)
     print("\nswan-serve /metrics: " + ", ".join(
         f"{k.removeprefix('swan_prefix_cache_')} {v:.0f}" for k, v in metrics.items()
         if k.startswith("swan_prefix_cache")))
