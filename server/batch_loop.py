@@ -195,6 +195,8 @@ class BatchLoop:
         candidates = list(itertools.islice(self._waiting, free))
         take = self._prefill.how_many([self._prefill_work(s) for s in candidates],
                                       decode_rows=len(self._active))
+        log.debug("prefill: starting %d of %d waiting (%d running)", take, len(self._waiting),
+                  len(self._active))
         batch: list[_Sequence] = []
         deferred: list[_Sequence] = []
         while self._waiting and len(batch) < take:

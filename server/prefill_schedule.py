@@ -103,7 +103,10 @@ class PrefillScheduler:
         if not self.costs.ready:
             return min(len(waiting), self.cap)
         costs = [self.costs.prefill_cost(w) for w in waiting]
-        return group_size(costs, self.costs.step_overhead(decode_rows), self.cap)
+        # Each group takes two steps before the next can start: its prefill, and the step
+        # that moves it to the decode batch. Both carry the step's fixed cost and decode rows.
+        overhead = 2 * self.costs.step_overhead(decode_rows)
+        return group_size(costs, overhead, self.cap)
 
     def step_done(self, seconds: float, decode_rows: int, prompt_responses: Sequence[Any]
                   ) -> dict[int, PrefillWork]:
