@@ -16,7 +16,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from swan_serve import __version__
 
 from . import protocol as p
-from .chat_features import FeatureError
+from .chat_features import FeatureError, RequestTools
 from .engine import Engine, EngineState
 from .errors import APIError, invalid
 from .generation import GenerationFailed, GenerationHandle
@@ -118,14 +118,9 @@ async def chat_completions(request: Request) -> Response:
         tools = features.check_request(req)
     except FeatureError as exc:
         raise invalid(str(exc), exc.param) from None
-    prompt = await _off_loop(ctx, chat_prompt, ctx.engine.tokenizer, ctx.engine.prompt_encoder,
-                             req)
+    # One trip off the event loop for all of it: under load each thread hand-off costs.
+    prompt, processors = await _off_loop(ctx, _chat_prompt_and_processors, ctx, req, tools)
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
-    max_tokens = max_new_tokens(req, len(prompt), ctx.limits())
-    try:
-        processors = await _off_loop(ctx, features.processors, tools, prompt, max_tokens)
-    except FeatureError as exc:
-        raise invalid(str(exc), exc.param) from None
     specs = build_specs(req, [prompt], logprobs, ctx.limits(), processors)
     parsers = features.parser_factory(tools, prompt)
     handle = ctx.engine.submit(request.state.request_id, specs, len(prompt))
@@ -135,6 +130,18 @@ async def chat_completions(request: Request) -> Response:
     result = await _unless_disconnected(request, ctx, handle,
                                         collect_chat(handle, meta, parsers))
     return result if isinstance(result, Response) else JSONResponse(result.wire())
+
+
+def _chat_prompt_and_processors(ctx: ServerContext, req: p.ChatCompletionRequest,
+                                tools: RequestTools) -> tuple[list[int], Any]:
+    """The prompt's token ids and the request's logits processors (jinja, tokenizer and
+    grammar compilation: the slow part of a request before it is queued)."""
+    prompt = chat_prompt(ctx.engine.tokenizer, ctx.engine.prompt_encoder, req)
+    max_tokens = max_new_tokens(req, len(prompt), ctx.limits())
+    try:
+        return prompt, ctx.engine.chat_features.processors(tools, prompt, max_tokens)
+    except FeatureError as exc:
+        raise invalid(str(exc), exc.param) from None
 
 
 async def completions(request: Request) -> Response:
