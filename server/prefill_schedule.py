@@ -66,19 +66,16 @@ class PrefillScheduler:
         self.cap = cap
         self.chunk = chunk  # BatchGenerator's prefill_step_size
         self.costs = StepCosts()
-        self._reading: dict[int, _Reading] = {}
-
-    def _prefilling(self) -> list[_Reading]:
-        return [r for r in self._reading.values() if r.prefilling]
+        self._reading: dict[int, _Reading] = {}  # the sequences still prefilling
 
     @property
     def busy(self) -> bool:
         """Whether the current group is still reading its prompts."""
-        return bool(self._prefilling())
+        return bool(self._reading)
 
     def may_start(self) -> bool:
         """Whether how_many can be more than 0 now (a cheap test before costing prompts)."""
-        group = self._prefilling()
+        group = list(self._reading.values())
         return not group or (len(group) < self.cap and self._long(group))
 
     def _long(self, group: list[_Reading]) -> bool:
@@ -92,7 +89,7 @@ class PrefillScheduler:
 
     def how_many(self, waiting: Sequence[PrefillWork], decode_rows: int) -> int:
         """How many of `waiting` (arrival order) to start now."""
-        group = self._prefilling()
+        group = list(self._reading.values())
         if group:
             if not self._long(group):
                 return 0
@@ -123,5 +120,7 @@ class PrefillScheduler:
                 chunks[response.uid] = PrefillWork(done - reading.done,
                                                    reading.cached + reading.done)
             reading.done = max(reading.done, done)
+            if not reading.prefilling:
+                del self._reading[response.uid]
         self.costs.observe(seconds, decode_rows, list(chunks.values()))
         return chunks
