@@ -20,8 +20,9 @@ _RESERVED_TEMPLATE_KWARGS = {
 
 def chat_prompt(tokenizer: Any, encoder: PromptEncoder, request: ChatCompletionRequest
                 ) -> list[int]:
-    """The request's messages through the model's chat template, as token ids (the text
-    between added tokens tokenized through `encoder`, which reuses stretches seen before)."""
+    """The request's messages through the model's chat template, as token ids: the text
+    between added tokens tokenized through `encoder` (which reuses stretches seen before)
+    where that is exact, else the template's own tokenization."""
     try:
         messages = template_messages(request.messages)
     except MessageError as exc:
@@ -34,12 +35,13 @@ def chat_prompt(tokenizer: Any, encoder: PromptEncoder, request: ChatCompletionR
     if not tokenizer.has_chat_template:
         return list(tokenizer.encode(_plain_chat(messages)))
     try:
-        text = tokenizer.apply_chat_template(
-            messages, tools=tools, add_generation_prompt=True, tokenize=False, **template_kwargs
+        rendered = tokenizer.apply_chat_template(
+            messages, tools=tools, add_generation_prompt=True, tokenize=not encoder.piecewise,
+            **template_kwargs
         )
     except Exception as exc:  # jinja errors: the template refused these messages
         raise invalid(f"The chat template rejected the messages: {exc}", "messages") from None
-    return encoder.encode(text)
+    return encoder.encode(rendered) if encoder.piecewise else list(rendered)
 
 
 def _plain_chat(messages: list[dict[str, Any]]) -> str:

@@ -4,6 +4,7 @@ hold; its cache stays inside its bound."""
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 
@@ -13,7 +14,9 @@ from parser_helpers import BOUNDED_TOOLS
 from transformers import AddedToken
 
 from swan_serve.quant.fixtures.tokenizer import qwen3_tokenizer_dir, shared_dir
+from swan_serve.server import protocol as p
 from swan_serve.server.prompt_tokens import PromptEncoder
+from swan_serve.server.prompts import chat_prompt
 
 SYSTEM = ("You are a coding agent in a user's repository.  Read before you write;\n"
           "never print secrets. Réponds en français si on te parle français. 数字 12345.\n") * 6
@@ -95,6 +98,12 @@ def test_a_tokenizer_whose_added_tokens_strip_whitespace_is_tokenized_whole(
     text = SYSTEM + " <sep> " + SYSTEM
     assert encoder.encode(text) == tokenizer.encode(text, add_special_tokens=False)
     assert encoder.cached_tokens == 0
+    # A chat prompt then comes from the template's own tokenization.
+    messages = CONVERSATIONS[1]
+    request = p.parse_request(p.ChatCompletionRequest,
+                              json.dumps({"model": "m", "messages": messages}).encode())
+    assert chat_prompt(tokenizer, encoder, request) == list(tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True))
 
 
 def test_the_cache_stays_inside_its_bound(tiny_checkpoint) -> None:
