@@ -38,9 +38,12 @@ from .generation import (
     deliver_threadsafe,
 )
 from .kv_state import free_memory_bytes
+from .lookahead import TurnLookahead
 from .model_loading import LoadedModel
 from .prefill_schedule import PrefillScheduler
+from .prefix_cache import Entry
 from .prefix_reuse import Plan, PrefixReuse
+from .prompts import turn_separator
 from .sampling import make_logits_processors, make_sampler
 from .step_costs import PrefillWork
 from .textstream import IncrementalDecoder, SequenceText
@@ -103,6 +106,10 @@ class BatchLoop:
         self._load_prefixes()
         self._prefill = PrefillScheduler(cap=min(_PREFILL_BATCH, self._settings.max_concurrency),
                                          chunk=self._settings.prefill_step_size)
+        self._lookahead = TurnLookahead(self._model, turn_separator(self._tokenizer),
+                                        self._prefixes, self._stream,
+                                        limit=self._settings.max_concurrency,
+                                        on_computed=self._metrics.count_lookahead)
         self._generator = self._new_generator()
 
     def _new_generator(self) -> BatchGenerator:
@@ -119,10 +126,13 @@ class BatchLoop:
     # ------------------------------------------------------------ main loop
 
     def run(self) -> None:
-        while self._read_inbox(block=not (self._waiting or self._active)):
+        while self._read_inbox(block=not (self._waiting or self._active
+                                          or self._lookahead.pending)):
             self._admit()
             if self._active:
                 self._step()
+            elif not self._waiting and self._lookahead.pending:
+                self._lookahead.compute_one()  # idle: the next turn's first tokens
             self._engine.active_count = len(self._active)
             self._engine.waiting_count = len(self._waiting)
             self._engine.prefix_cache_bytes = self._prefixes.cache.bytes_held
@@ -269,7 +279,9 @@ class BatchLoop:
                 if response.finish_reason is None:  # a stop string, not a stop token
                     stopped_early.append(response.uid)
                 else:
-                    self._save_final(seq, response.prompt_cache, response.all_tokens)
+                    entry = self._save_final(seq, response.prompt_cache, response.all_tokens)
+                    if seq.spec.chat_turn:
+                        self._lookahead.turn_ended(entry, response.finish_reason)
         if stopped_early:
             self._remove_saving([self._active[uid] for uid in stopped_early])
         self._save_boundaries(prompt_responses)
@@ -299,10 +311,12 @@ class BatchLoop:
             log.exception("could not copy the caches of %d sequences", len(uids))
             return {}
 
-    def _save_final(self, seq: _Sequence, cache: Any, tokens: list[int] | None) -> None:
-        if seq.plan is not None:
-            with mx.stream(self._stream):
-                self._prefixes.finished(seq.plan, cache, list(tokens) if tokens else None)
+    def _save_final(self, seq: _Sequence, cache: Any, tokens: list[int] | None
+                    ) -> Entry | None:
+        if seq.plan is None:
+            return None
+        with mx.stream(self._stream):
+            return self._prefixes.finished(seq.plan, cache, list(tokens) if tokens else None)
 
     def _remove_saving(self, seqs: list[_Sequence]) -> None:
         """Takes sequences out of the batch, keeping what they computed in the cache."""

@@ -41,6 +41,9 @@ class SequenceSpec:
     # Extra logits processors for this choice (e.g. constrained decoding), made on the
     # generation thread when the sequence joins the batch; processor(tokens, logits).
     processors: Callable[[], list[Any]] | None = None
+    # An assistant turn of a chat: the conversation's next request will likely resend it
+    # followed by the template's turn separator, which the server computes ahead when idle.
+    chat_turn: bool = False
 
 
 @dataclass(slots=True)

@@ -91,6 +91,21 @@ def view(state: State, trim: int = 0) -> State:
     return layers
 
 
+def extendable(state: State) -> State:
+    """Cache objects the model can run on to extend `state` without writing into its arrays.
+
+    A KVCache holding exactly its positions (as stored states do) moves to new, larger
+    arrays on its next token, so it can share them; other layers may write in place (a
+    rotating window) and are copied: their arrays are bounded by a window or fixed size.
+    """
+    layers = []
+    for layer in state:
+        exact = isinstance(layer, KVCache) and (layer.keys is None
+                                                or layer.keys.shape[2] == layer.offset)
+        layers.append(view([layer])[0] if exact else _detached_layer(layer))
+    return layers
+
+
 # ------------------------------------------------------------ memory
 
 

@@ -121,6 +121,10 @@ class ServerMetrics:
         self.prefix_cache_evictions = Counter(
             "swan_prefix_cache_evictions_total", "States evicted from the prefix cache."
         )
+        self.prefix_lookahead_tokens = Counter(
+            "swan_prefix_lookahead_tokens_total",
+            "Turn-separator tokens computed ahead onto finished chat turns while idle.",
+        )
         self.ttft = Histogram(
             "swan_time_to_first_token_seconds", "Request arrival to first token.",
             _LATENCY_BUCKETS,
@@ -159,6 +163,10 @@ class ServerMetrics:
         with self._lock:
             self.prefix_cache_evictions.inc()
 
+    def count_lookahead(self, tokens: int) -> None:
+        with self._lock:
+            self.prefix_lookahead_tokens.inc(tokens)
+
     def count_tokens(self, tokens: int) -> None:
         with self._lock:
             self.generation_tokens.inc(tokens)
@@ -181,7 +189,7 @@ class ServerMetrics:
             self.requests, self.prompt_tokens, self.generation_tokens, self.finished,
             self.prefix_cache_queries, self.prefix_cache_hits, self.prefix_cache_misses,
             self.prefix_cache_hit_tokens, self.prefix_cache_evictions,
-            self.ttft, self.tpot, self.latency,
+            self.prefix_lookahead_tokens, self.ttft, self.tpot, self.latency,
         ]
         with self._lock:
             lines = [line for family in families for line in family.lines()]

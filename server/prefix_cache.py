@@ -98,6 +98,10 @@ class PrefixCache:
     def __len__(self) -> int:
         return sum(len(order) for order in self._lru.values())
 
+    def holds(self, entry: Entry) -> bool:
+        """Whether `entry` is still stored (not evicted or replaced)."""
+        return entry in self._lru[entry.priority]
+
     def entries(self) -> list[Entry]:
         return [e for order in self._lru.values() for e in order]
 

@@ -137,24 +137,31 @@ class PrefixReuse:
             _, priority = plan.pending.popleft()
             self._save(tokens, state, priority)
 
-    def finished(self, plan: Plan, state: State | None, tokens: list[int] | None) -> None:
-        """The sequence ended (or was removed): save what it computed, if anything."""
+    def finished(self, plan: Plan, state: State | None, tokens: list[int] | None
+                 ) -> Entry | None:
+        """The sequence ended (or was removed): saves what it computed, if anything, and
+        returns the entry that holds it (None when nothing new was stored)."""
         self.abandon(plan)
         if state is not None and tokens:
-            self._save(tokens, state, Priority.TURN)
+            return self._save(tokens, state, Priority.TURN)
+        return None
+
+    def extended(self, tokens: list[int], state: State) -> Entry | None:
+        """A state computed ahead of any request (lookahead.py): saved as a turn's end."""
+        return self._save(tokens, state, Priority.TURN)
 
     def abandon(self, plan: Plan) -> None:
         plan.pending.clear()
         self._in_flight.discard(plan)
 
-    def _save(self, tokens: list[int], state: State, priority: Priority) -> None:
+    def _save(self, tokens: list[int], state: State, priority: Priority) -> Entry | None:
         if not self.enabled:
-            return
+            return None
         try:
             if not _covers(state, len(tokens)):
                 log.warning("not caching a state of %d tokens: its size does not match",
                             len(tokens))
-                return
+                return None
             owned = detached(state)  # lazy: nothing is copied unless it is kept
             entry = self.cache.store(tokens, owned, state_nbytes(owned), is_trimmable(owned),
                                      priority)
@@ -162,8 +169,10 @@ class PrefixReuse:
                 # Queued behind the step that computed it: the copy does not hold up the
                 # sequence's next step.
                 evaluate(owned, wait=False)
+            return entry
         except Exception:  # the cache is an optimisation: never fail a request for it
             log.exception("could not save a prefix state")
+            return None
 
 
 def _covers(state: State, length: int) -> bool:

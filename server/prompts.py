@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from .errors import invalid
@@ -42,6 +43,55 @@ def chat_prompt(tokenizer: Any, encoder: PromptEncoder, request: ChatCompletionR
     except Exception as exc:  # jinja errors: the template refused these messages
         raise invalid(f"The chat template rejected the messages: {exc}", "messages") from None
     return encoder.encode(rendered) if encoder.piecewise else list(rendered)
+
+
+# A finished exchange and three ways a conversation goes on: two user messages that differ
+# from their first character, and a tool result. The text a template renders between the
+# assistant's message and all three of these is what follows every assistant turn.
+_ANSWER = "Hello."
+_EXCHANGE = [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": _ANSWER}]
+_NEXT_MESSAGES = [
+    {"role": "user", "content": "What next?"},
+    {"role": "user", "content": "7 + 7 = ?"},
+    {"role": "tool", "tool_call_id": "call_0", "content": "{\"ok\": true}"},
+]
+
+
+def turn_separator(tokenizer: Any) -> tuple[int, ...]:
+    """The tokens the chat template puts after an assistant message and before the next
+    message's content, whoever sends it, starting with the assistant's turn-end token (for
+    Qwen: <|im_end|> \\n <|im_start|> user \\n). Empty when there is no such fixed text or
+    its tokens are not the same in every rendering."""
+    if not getattr(tokenizer, "has_chat_template", False):
+        return ()
+    between, renders = [], []
+    for message in _NEXT_MESSAGES:
+        try:
+            text = tokenizer.apply_chat_template(_EXCHANGE + [message], tokenize=False,
+                                                 add_generation_prompt=False)
+            ids = tokenizer.apply_chat_template(_EXCHANGE + [message], tokenize=True,
+                                                add_generation_prompt=False)
+        except Exception:  # e.g. a template that wants tool calls before a tool message
+            continue
+        start = text.rfind(_ANSWER) + len(_ANSWER)
+        end = text.find(message["content"], start)
+        if start < len(_ANSWER) or end < 0:
+            continue
+        between.append(text[start:end])
+        renders.append(list(ids))
+    if len(between) < 2:
+        return ()
+    separator = list(tokenizer.encode(os.path.commonprefix(between), add_special_tokens=False))
+    if not separator or separator[0] not in set(tokenizer.eos_token_ids):
+        return ()
+    # Tokenized alone it must be what the template's own tokenization has in context.
+    if not all(_contains(ids, separator) for ids in renders):
+        return ()
+    return tuple(separator)
+
+
+def _contains(ids: list[int], part: list[int]) -> bool:
+    return any(ids[i:i + len(part)] == part for i in range(len(ids) - len(part) + 1))
 
 
 def _plain_chat(messages: list[dict[str, Any]]) -> str:

@@ -121,7 +121,7 @@ async def chat_completions(request: Request) -> Response:
     # One trip off the event loop for all of it: under load each thread hand-off costs.
     prompt, processors = await _off_loop(ctx, _chat_prompt_and_processors, ctx, req, tools)
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
-    specs = build_specs(req, [prompt], logprobs, ctx.limits(), processors)
+    specs = build_specs(req, [prompt], logprobs, ctx.limits(), processors, chat_turn=True)
     parsers = features.parser_factory(tools, prompt)
     handle = ctx.engine.submit(request.state.request_id, specs, len(prompt))
     meta = _meta(ctx, "chatcmpl")

@@ -105,7 +105,7 @@ def max_new_tokens(request: _Request, prompt_len: int, limits: Limits) -> int:
 
 def build_specs(
     request: _Request, prompts: list[list[int]], logprobs: int | None, limits: Limits,
-    processors: Callable[[], list[Any]] | None = None,
+    processors: Callable[[], list[Any]] | None = None, chat_turn: bool = False,
 ) -> list[SequenceSpec]:
     """n choices per prompt; choice index = prompt index * n + j, as in OpenAI's API."""
     n = request.n or 1
@@ -118,5 +118,5 @@ def build_specs(
         max_tokens = max_new_tokens(request, len(prompt), limits)
         for j in range(n):
             specs.append(SequenceSpec(prompt, max_tokens, sampling, stop, logprobs, p * n + j,
-                                      processors))
+                                      processors, chat_turn))
     return specs

@@ -16,6 +16,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 SWAN_SERVE = Path(sys.executable).with_name("swan-serve")
@@ -102,6 +103,16 @@ class ServerProcess:
                 name, _, value = line.rpartition(" ")
                 samples[name] = float(value)
         return samples
+
+    def wait_for_metric(self, name: str, predicate: Callable[[float], bool],
+                        timeout: float) -> float:
+        """Polls /metrics until predicate(value of `name`) holds; returns the last value."""
+        deadline = time.monotonic() + timeout
+        value = self.metrics().get(name, 0.0)
+        while not predicate(value) and time.monotonic() < deadline:
+            time.sleep(0.02)
+            value = self.metrics().get(name, 0.0)
+        return value
 
     def log(self) -> str:
         self._log.seek(0)

@@ -13,7 +13,10 @@ from pathlib import Path
 
 import openai
 import pytest
+from mlx_lm.tokenizer_utils import load as load_tokenizer
 from server_process import ServerProcess, eos_token_ids
+
+from swan_serve.server.prompts import turn_separator
 
 MODEL = "tiny"
 SYSTEM = "You are a careful agent. Tools: search(query), open(url), edit(path, text). " * 6
@@ -141,6 +144,52 @@ def test_concurrent_requests_sharing_a_prefix_both_hit(servers, arch: str) -> No
     # opening tokens, cut back from the states the first two saved).
     third, fourth = together("Edit the third file.", "Search the fourth term.")
     assert third == fourth >= second
+
+
+def word_token(tokenizer) -> int:
+    """A token that is a whole word of letters and is what that word tokenizes to."""
+    return next(i for i in range(tokenizer.vocab_size)
+                if (word := tokenizer.decode([i])).isalpha() and len(word) > 2
+                and tokenizer.encode(word, add_special_tokens=False) == [i])
+
+
+@pytest.mark.parametrize("finish", ["stop", "length"])
+def test_next_turn_starts_after_the_separator_computed_ahead(servers, model_dir: Path,
+                                                             finish: str) -> None:
+    cached, uncached = servers
+    client = client_of(cached)
+    tokenizer = load_tokenizer(model_dir)
+    separator = list(turn_separator(tokenizer))
+    # The answer is one forced token: the turn end itself (the state then covers it and the
+    # rest of the separator is computed ahead), or a word cut off by max_tokens (the whole
+    # separator is).
+    answer = [separator[0]] if finish == "stop" else [word_token(tokenizer)]
+    messages = [{"role": "system", "content": f"{finish}: " + SYSTEM},
+                {"role": "user", "content": "Say one word."}]
+    lookahead = "swan_prefix_lookahead_tokens_total"
+    ahead = cached.metrics()[lookahead]
+    first = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=1,
+                                           temperature=0, logit_bias={str(answer[0]): 100})
+    assert first.choices[0].finish_reason == finish
+    computed = len(separator) - 1 if finish == "stop" else len(separator)
+    assert cached.wait_for_metric(lookahead, lambda v: v >= ahead + computed,
+                                  timeout=30) == ahead + computed
+    messages += [{"role": "assistant", "content": first.choices[0].message.content or ""},
+                 {"role": "user", "content": "Another one."}]
+    # What the template makes of the next turn starts with the first prompt, the answer and
+    # the separator (so the cache can serve all of them)...
+    prompt = list(tokenizer.apply_chat_template(messages[:2], add_generation_prompt=True))
+    assert len(prompt) == first.usage.prompt_tokens
+    covered = prompt + (answer if finish == "length" else []) + separator
+    following = list(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+    assert following[:len(covered)] == covered
+    # ... and it does: the separator's tokens are not computed again, and what follows is
+    # what the server without a cache generates.
+    second, reference = (client_of(server).chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=6, temperature=0)
+        for server in (cached, uncached))
+    assert second.usage.prompt_tokens_details.cached_tokens == len(covered)
+    assert second.choices[0].message.content == reference.choices[0].message.content
 
 
 def test_n_choices_compute_the_prompt_once(servers) -> None:

@@ -38,16 +38,6 @@ def long_request(model_dir: Path) -> dict:
             "logit_bias": {str(t): -100 for t in eos_token_ids(model_dir)}}
 
 
-def wait_for(server: ServerProcess, name: str, predicate, timeout: float) -> float:
-    """Polls /metrics until predicate(value of `name`) holds; returns the value."""
-    deadline = time.monotonic() + timeout
-    value = server.metrics().get(name, 0.0)
-    while not predicate(value) and time.monotonic() < deadline:
-        time.sleep(0.02)
-        value = server.metrics().get(name, 0.0)
-    return value
-
-
 GENERATED_TEXT = re.compile(rb'"content":"[^"]')
 CANCELLED = 'swan_sequences_finished_total{reason="cancelled"}'
 
@@ -75,7 +65,7 @@ def test_twenty_streaming_clients_disconnect(server: ServerProcess, long_request
                 conn.sock.shutdown(socket.SHUT_RDWR)
             conn.close()
     dropped_at = time.monotonic()
-    active = wait_for(server, "swan_active_sequences", lambda v: v == 0, timeout=5)
+    active = server.wait_for_metric("swan_active_sequences", lambda v: v == 0, timeout=5)
     assert active == 0
     assert time.monotonic() - dropped_at < 5
     assert server.metrics()[CANCELLED] == cancelled_before + 20
@@ -90,10 +80,10 @@ def test_non_streaming_client_disconnects(server: ServerProcess, long_request: d
     sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
                  b"Content-Type: application/json\r\n"
                  + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
-    assert wait_for(server, "swan_active_sequences", lambda v: v == 1, timeout=10) == 1
+    assert server.wait_for_metric("swan_active_sequences", lambda v: v == 1, timeout=10) == 1
     time.sleep(0.2)  # well into decoding
     sock.close()
-    assert wait_for(server, "swan_active_sequences", lambda v: v == 0, timeout=5) == 0
+    assert server.wait_for_metric("swan_active_sequences", lambda v: v == 0, timeout=5) == 0
     assert server.metrics()[CANCELLED] == cancelled_before + 1
 
 
