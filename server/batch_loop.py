@@ -43,6 +43,7 @@ from .model_loading import LoadedModel
 from .prefill_schedule import PrefillScheduler
 from .prefix_cache import Entry
 from .prefix_reuse import Plan, PrefixReuse
+from .prompt_batch import use_moving_prompt_batch
 from .prompts import turn_separator
 from .sampling import make_logits_processors, make_sampler
 from .step_costs import PrefillWork
@@ -114,7 +115,7 @@ class BatchLoop:
 
     def _new_generator(self) -> BatchGenerator:
         slots = self._settings.max_concurrency
-        return BatchGenerator(
+        generator = BatchGenerator(
             self._model,
             stop_tokens=[[t] for t in sorted(self._tokenizer.eos_token_ids)],
             completion_batch_size=slots,
@@ -122,6 +123,8 @@ class BatchLoop:
             prefill_step_size=self._settings.prefill_step_size,
             stream=self._stream,
         )
+        use_moving_prompt_batch(generator)
+        return generator
 
     # ------------------------------------------------------------ main loop
 
@@ -203,8 +206,11 @@ class BatchLoop:
         if free <= 0 or not self._waiting or not self._prefill.may_start():
             return
         candidates = list(itertools.islice(self._waiting, free))
-        take = self._prefill.how_many([self._prefill_work(s) for s in candidates],
-                                      decode_rows=len(self._active))
+        if len(candidates) == 1 and not self._prefill.busy:
+            take = 1  # nothing to weigh: skip costing the prompt (a prefix-cache lookup)
+        else:
+            take = self._prefill.how_many([self._prefill_work(s) for s in candidates],
+                                          decode_rows=len(self._active))
         log.debug("prefill: starting %d of %d waiting (%d running)", take, len(self._waiting),
                   len(self._active))
         batch: list[_Sequence] = []
