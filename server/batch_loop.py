@@ -287,7 +287,8 @@ class BatchLoop:
                 else:
                     entry = self._save_final(seq, response.prompt_cache, response.all_tokens)
                     if seq.spec.chat_turn:
-                        self._lookahead.turn_ended(entry, response.finish_reason)
+                        self._lookahead.turn_ended(entry, response.finish_reason,
+                                                   response.token)
         if stopped_early:
             self._remove_saving([self._active[uid] for uid in stopped_early])
         self._save_boundaries(prompt_responses)

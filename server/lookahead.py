@@ -44,15 +44,15 @@ class TurnLookahead:
     def pending(self) -> bool:
         return bool(self._pending)
 
-    def turn_ended(self, entry: Entry | None, finish_reason: str) -> None:
-        """A chat answer ended and `entry` holds its state. After a stop token the state
-        covers that token (the separator's first); after max_tokens the whole separator
-        follows (the template closes the message)."""
+    def turn_ended(self, entry: Entry | None, finish_reason: str, last_token: int) -> None:
+        """A chat answer ended on `last_token` and `entry` holds its state (which covers
+        that token). After a stop token that token is the separator's first; after
+        max_tokens the whole separator follows (the template closes the message)."""
         if entry is None or not self._separator:
             return
         if finish_reason == "length":
             ahead = self._separator
-        elif finish_reason == "stop" and entry.tokens()[-1:] == self._separator[:1]:
+        elif finish_reason == "stop" and last_token == self._separator[0]:
             ahead = self._separator[1:]
         else:  # another end-of-sequence token: the template would not render it
             return
