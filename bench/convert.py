@@ -54,9 +54,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
     from swan_serve.quant import allocate
-    from swan_serve.quant.checkpoint import open_checkpoint
     from swan_serve.quant.convert import convert
     from swan_serve.quant.mlx_names import build_name_map, checkpoint_shapes
+    from swan_serve.quant.sources.checkpoint import open_checkpoint
 
     rows = []
     size_gb = sum(p.stat().st_size for p in args.model.glob("*.safetensors")) / 1e9

@@ -23,7 +23,7 @@ import numpy as np
 
 from swan_serve import DEMO_MODEL_DIR
 from swan_serve.quant import affine, fit
-from swan_serve.quant.checkpoint import open_checkpoint
+from swan_serve.quant.sources.checkpoint import open_checkpoint
 
 SHARED_STORIES = Path(__file__).resolve().parents[2] / "shared" / "models" / "stories260K"
 SETTINGS = [(4, 64), (2, 64), (3, 64), (4, 32), (4, 128), (5, 64), (6, 64), (8, 64)]

@@ -27,10 +27,10 @@ from pathlib import Path
 
 from swan_serve import DEMO_MODEL_DIR
 from swan_serve.quant import allocate, evaluate
-from swan_serve.quant.checkpoint import open_checkpoint
 from swan_serve.quant.convert import convert
 from swan_serve.quant.mlx_names import build_name_map, checkpoint_shapes, tied_embeddings
 from swan_serve.quant.safetensors_out import ITEMSIZE
+from swan_serve.quant.sources.checkpoint import open_checkpoint
 
 
 def storage_figures(model_dir: Path) -> tuple[float, int]:

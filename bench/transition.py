@@ -23,7 +23,7 @@ from mlx_lm.generate import BatchGenerator
 from mlx_lm.models import qwen3
 from mlx_lm.models.cache import make_prompt_cache
 
-from swan_serve.server.prompt_batch import use_moving_prompt_batch
+from swan_serve.server.engine.prompt_batch import use_moving_prompt_batch
 
 SHAPES = {
     "small": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4,

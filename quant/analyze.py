@@ -41,7 +41,6 @@ from swan_serve import __version__
 from . import metrics
 from .affine import bits_per_weight
 from .blas_threads import blas_threads
-from .checkpoint import Checkpoint, TensorInfo, open_checkpoint
 from .manifest import (
     Candidate,
     ExpertSpread,
@@ -58,6 +57,7 @@ from .manifest import (
 from .names import Classification, classify
 from .progress import ProgressCallback, phase_progress
 from .scoring import AnalysisConfig, AnalysisSettings, load_config, score
+from .sources.checkpoint import Checkpoint, TensorInfo, open_checkpoint
 
 ALGORITHM_REVISION = 1
 ANALYZER_VERSION = f"{__version__}+swan{ALGORITHM_REVISION}"

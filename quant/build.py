@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .cache import ModelCache, entry_key
-from .checkpoint import CheckpointError, open_checkpoint
 from .progress import ProgressCallback
 from .recipe import DEFAULT_RECIPE, DEFAULT_TARGET_BPW, Recipe, load_recipe
-from .resolve import ResolvedModel, ResolveError, read_config, resolve_model
+from .sources.checkpoint import CheckpointError, open_checkpoint
+from .sources.resolve import ResolvedModel, ResolveError, read_config, resolve_model
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tiktoken.model", "vocab.json")
 

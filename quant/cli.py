@@ -12,9 +12,9 @@ import sys
 from pathlib import Path
 
 from .cache_cli import CacheCommandError, add_cache
-from .checkpoint import CheckpointError
 from .manifest import ManifestError
 from .scoring import ConfigError
+from .sources.checkpoint import CheckpointError
 
 INPUT_ERRORS: tuple[type[Exception], ...] = (
     CheckpointError, ManifestError, ConfigError, CacheCommandError)
@@ -39,7 +39,10 @@ def _model_dir(model: str) -> Path:
     path = Path(model).expanduser()
     if path.exists() or model.startswith((".", "/", "~")) or model.count("/") != 1:
         return path
-    from .resolve import ResolveError, resolve_model  # a hub id: download (or use the cache)
+    from .sources.resolve import (  # a hub id: download (or use the cache)
+        ResolveError,
+        resolve_model,
+    )
 
     try:
         return resolve_model(model).path

@@ -27,7 +27,6 @@ import mlx.core as mx
 import numpy as np
 
 from . import affine, fit
-from .checkpoint import Checkpoint, open_checkpoint
 from .mlx_names import (
     MlxTensor,
     NameMap,
@@ -50,6 +49,7 @@ from .safetensors_out import (
     to_storage,
     write_index,
 )
+from .sources.checkpoint import Checkpoint, open_checkpoint
 
 MANIFEST_FILE = "swan-manifest.json"
 _BLOCK_ELEMENTS = 1 << 22  # weights read and fitted at once (16 MB of float32)

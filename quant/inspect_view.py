@@ -6,9 +6,9 @@ import json
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from .checkpoint import open_checkpoint
 from .manifest import Manifest, TensorRecord
 from .names import classify
+from .sources.checkpoint import open_checkpoint
 
 
 def _gb(n: int) -> str:

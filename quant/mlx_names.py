@@ -34,7 +34,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
-from .checkpoint import Checkpoint
+from .sources.checkpoint import Checkpoint
 
 _ID_STRIDE = 4  # ids are stored as 4*i + 1 so that arithmetic on a probe shows up
 

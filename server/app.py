@@ -15,11 +15,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from . import routes
-from .engine import Engine, ModelProvider
-from .errors import APIError, error_body
-from .middleware import ApiKeyMiddleware, RequestContextMiddleware
-from .routes import ServerContext
+from .api import routes
+from .api.errors import APIError, error_body
+from .api.middleware import ApiKeyMiddleware, RequestContextMiddleware
+from .api.routes import ServerContext
+from .engine.engine import Engine, ModelProvider
 from .settings import ServerSettings
 
 

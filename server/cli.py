@@ -14,9 +14,9 @@ from swan_serve import DEMO_MODEL_DIR
 from swan_serve.quant.build import BuildError, BuildOptions, prepare_build
 from swan_serve.quant.cache import CacheError
 from swan_serve.quant.progress import ProgressCallback
-from swan_serve.quant.resolve import ResolveError
+from swan_serve.quant.sources.resolve import ResolveError
 
-from .engine import ModelProvider
+from .engine.engine import ModelProvider
 from .parsers.registry import CHOICES
 from .settings import (
     API_KEY_ENV,
@@ -40,7 +40,7 @@ def prepare_model(args: argparse.Namespace) -> tuple[Path | None, ModelProvider 
     Local directories are resolved and checked here, before the server listens, so a bad
     model fails at once; a hub id is downloaded by the provider (it may take a while).
     """
-    from swan_serve.quant.resolve import looks_like_repo_id, resolve_model
+    from swan_serve.quant.sources.resolve import looks_like_repo_id, resolve_model
 
     model = args.model or str(DEMO_MODEL_DIR)
     if args.no_quantize:

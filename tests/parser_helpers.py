@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from swan_serve.server.output import OutputParser
+from swan_serve.server.chat.output import OutputParser
 from swan_serve.server.parsers import assemble_calls
 
 

@@ -14,7 +14,6 @@ from mlx_lm import load
 
 from swan_serve.quant.allocate import AllocationError, build_plan
 from swan_serve.quant.analyze import analyze_checkpoint
-from swan_serve.quant.checkpoint import open_checkpoint
 from swan_serve.quant.convert import convert
 from swan_serve.quant.fixtures import ARCHITECTURES
 from swan_serve.quant.knapsack import BudgetError, Option, solve, total
@@ -22,6 +21,7 @@ from swan_serve.quant.manifest import Manifest
 from swan_serve.quant.mlx_names import build_name_map, checkpoint_shapes
 from swan_serve.quant.recipe import RecipeError, load_recipe
 from swan_serve.quant.scoring import load_config, score
+from swan_serve.quant.sources.checkpoint import open_checkpoint
 
 
 def brute_force(units: list[list[Option]], budget: float) -> float:

@@ -12,11 +12,11 @@ import pytest
 
 from swan_serve.quant import affine, metrics
 from swan_serve.quant.analyze import analyze_checkpoint
-from swan_serve.quant.checkpoint import open_checkpoint
 from swan_serve.quant.fixtures import ARCHITECTURES, write_checkpoint
 from swan_serve.quant.manifest import Manifest, ManifestError
 from swan_serve.quant.names import classify
 from swan_serve.quant.scoring import AnalysisConfig, load_config, normalise
+from swan_serve.quant.sources.checkpoint import open_checkpoint
 
 SHARED_MODELS = Path(__file__).resolve().parents[2] / "shared" / "models"
 

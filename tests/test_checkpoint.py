@@ -10,7 +10,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from swan_serve.quant.checkpoint import CheckpointError, open_checkpoint
+from swan_serve.quant.sources.checkpoint import CheckpointError, open_checkpoint
 
 
 def _as_float32(array: mx.array) -> np.ndarray:

@@ -18,13 +18,13 @@ from mlx_lm.models.switch_layers import QuantizedSwitchLinear
 
 from swan_serve.quant import affine, fit
 from swan_serve.quant.allocate import uniform_plan
-from swan_serve.quant.checkpoint import open_checkpoint
 from swan_serve.quant.convert import MANIFEST_FILE, ConvertError, convert
 from swan_serve.quant.evaluate import compare, load_model
 from swan_serve.quant.fixtures import ARCHITECTURES, tensor_specs
 from swan_serve.quant.fixtures.configs import read_config
 from swan_serve.quant.mlx_names import NameMapError, Piece, build_name_map, checkpoint_shapes
 from swan_serve.quant.plan import PLAN_FILE, Decision, Plan
+from swan_serve.quant.sources.checkpoint import open_checkpoint
 
 SETTINGS = [(4, 64), (3, 32), (8, 128), (2, 64), (6, 32), (5, 128)]
 

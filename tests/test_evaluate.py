@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 from swan_serve.quant.allocate import uniform_plan
-from swan_serve.quant.checkpoint import open_checkpoint
 from swan_serve.quant.convert import convert
 from swan_serve.quant.evaluate import EvalError, compare, evaluate, load_model, windows
 from swan_serve.quant.mlx_names import build_name_map, checkpoint_shapes
+from swan_serve.quant.sources.checkpoint import open_checkpoint
 
 TEXT = (
     "def fibonacci(n):\n    a, b = 0, 1\n    for _ in range(n):\n        a, b = b, a + b\n"

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from swan_serve.quant import affine, fit
-from swan_serve.quant.checkpoint import open_checkpoint
+from swan_serve.quant.sources.checkpoint import open_checkpoint
 
 STORIES = Path(__file__).resolve().parents[2] / "shared" / "models" / "stories260K"
 MX_DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}

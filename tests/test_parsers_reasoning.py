@@ -69,7 +69,7 @@ def test_opened_in_prompt(tail: str, opened: bool) -> None:
 
 
 def _prompt_state(tokenizer: Any, template: str | None, thinking: bool) -> str:
-    from swan_serve.server.chat_features import ChatFeatures
+    from swan_serve.server.chat.chat_features import ChatFeatures
 
     features = ChatFeatures.for_tokenizer(tokenizer, len(tokenizer))
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}],

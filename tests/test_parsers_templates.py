@@ -11,6 +11,8 @@ import pytest
 from parser_helpers import run, small_tokenizer
 
 from swan_serve.quant.fixtures.tokenizer import CHAT_TEMPLATE
+from swan_serve.server.api.protocol import ChatMessage
+from swan_serve.server.chat.tool_messages import MessageError, template_messages
 from swan_serve.server.parsers import (
     CHOICES,
     ChoiceParser,
@@ -18,8 +20,6 @@ from swan_serve.server.parsers import (
     detect_format,
     resolve_format,
 )
-from swan_serve.server.protocol import ChatMessage
-from swan_serve.server.tool_messages import MessageError, template_messages
 
 TOOLS = [{"type": "function", "function": {"name": "plan_trip", "parameters": {
     "type": "object",

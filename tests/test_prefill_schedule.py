@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from mlx_lm.generate import BatchGenerator, PromptProcessingBatch
 
-from swan_serve.server.model_loading import load_local_model
-from swan_serve.server.prefill_schedule import PrefillScheduler, group_size
-from swan_serve.server.step_costs import PrefillWork, StepCosts, padded
+from swan_serve.server.engine.model_loading import load_local_model
+from swan_serve.server.engine.prefill_schedule import PrefillScheduler, group_size
+from swan_serve.server.engine.step_costs import PrefillWork, StepCosts, padded
 
 # ------------------------------------------------------------ the fit
 

@@ -10,7 +10,7 @@ import random
 
 import pytest
 
-from swan_serve.server.prefix_cache import Entry, PrefixCache, Priority
+from swan_serve.server.prefix.prefix_cache import Entry, PrefixCache, Priority
 from swan_serve.server.settings import parse_byte_size
 
 

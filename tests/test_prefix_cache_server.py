@@ -16,7 +16,7 @@ import pytest
 from mlx_lm.tokenizer_utils import load as load_tokenizer
 from server_process import ServerProcess, eos_token_ids
 
-from swan_serve.server.prompts import turn_separator
+from swan_serve.server.chat.prompts import turn_separator
 
 MODEL = "tiny"
 SYSTEM = "You are a careful agent. Tools: search(query), open(url), edit(path, text). " * 6

@@ -12,17 +12,17 @@ import pytest
 from mlx_lm.generate import BatchGenerator
 from mlx_lm.models.cache import ArraysCache, CacheList, KVCache, RotatingKVCache
 
-from swan_serve.server import prefix_store
-from swan_serve.server.kv_state import (
+from swan_serve.server.engine.model_loading import load_local_model
+from swan_serve.server.prefix import prefix_store
+from swan_serve.server.prefix.kv_state import (
     detached,
     evaluate,
     is_trimmable,
     state_nbytes,
     view,
 )
-from swan_serve.server.model_loading import load_local_model
-from swan_serve.server.prefix_cache import PrefixCache
-from swan_serve.server.prefix_reuse import PrefixReuse, cut, first_segment_end
+from swan_serve.server.prefix.prefix_cache import PrefixCache
+from swan_serve.server.prefix.prefix_reuse import PrefixReuse, cut, first_segment_end
 
 
 def kv_layer(cache, tokens: int, heads: int = 2, dim: int = 8):

@@ -12,7 +12,7 @@ import pytest
 from mlx_lm.generate import BatchGenerator
 from mlx_lm.utils import load_model
 
-from swan_serve.server.prompt_batch import MovingPromptBatch, use_moving_prompt_batch
+from swan_serve.server.engine.prompt_batch import MovingPromptBatch, use_moving_prompt_batch
 
 
 @pytest.fixture(scope="module", params=["qwen3", "qwen3_5_moe"])

@@ -14,9 +14,9 @@ from parser_helpers import BOUNDED_TOOLS
 from transformers import AddedToken
 
 from swan_serve.quant.fixtures.tokenizer import qwen3_tokenizer_dir, shared_dir
-from swan_serve.server import protocol as p
-from swan_serve.server.prompt_tokens import PromptEncoder
-from swan_serve.server.prompts import chat_prompt
+from swan_serve.server.api import protocol as p
+from swan_serve.server.chat.prompt_tokens import PromptEncoder
+from swan_serve.server.chat.prompts import chat_prompt
 
 SYSTEM = ("You are a coding agent in a user's repository.  Read before you write;\n"
           "never print secrets. Réponds en français si on te parle français. 数字 12345.\n") * 6

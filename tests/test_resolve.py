@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from swan_serve.quant.resolve import ResolveError, content_revision, resolve_model
+from swan_serve.quant.sources.resolve import ResolveError, content_revision, resolve_model
 
 RESOLVE = (
     "import sys\n"
-    "from swan_serve.quant.resolve import resolve_model, ResolveError\n"
+    "from swan_serve.quant.sources.resolve import resolve_model, ResolveError\n"
     "try:\n"
     "    r = resolve_model(sys.argv[1])\n"
     "    print('OK', r.path, r.source, r.revision)\n"

@@ -10,19 +10,19 @@ import mlx.core as mx
 import pytest
 from tokenizers import Tokenizer
 
-from swan_serve.server.errors import APIError
-from swan_serve.server.generation import SamplingParams
-from swan_serve.server.metrics import ServerMetrics
-from swan_serve.server.protocol import (
+from swan_serve.server.api.errors import APIError
+from swan_serve.server.api.protocol import (
     ChatChunkChoice,
     ChatCompletionChunk,
     ChatCompletionRequest,
     ChatDelta,
     parse_request,
 )
-from swan_serve.server.responses import _TextChunks
-from swan_serve.server.sampling import make_sampler
-from swan_serve.server.textstream import IncrementalDecoder, SequenceText, StopMatcher
+from swan_serve.server.api.responses import _TextChunks
+from swan_serve.server.chat.textstream import IncrementalDecoder, SequenceText, StopMatcher
+from swan_serve.server.engine.generation import SamplingParams
+from swan_serve.server.engine.sampling import make_sampler
+from swan_serve.server.metrics import ServerMetrics
 
 
 def feed_all(matcher: StopMatcher, pieces: list[str]) -> tuple[str, bool]:

@@ -14,15 +14,15 @@ import pytest
 from batch_helpers import Engine, generate, load_engine
 from mlx_lm.sample_utils import make_sampler
 
-from swan_serve.server.chat_features import ChatFeatures, FeatureError
-from swan_serve.server.grammar import (
+from swan_serve.server.chat.chat_features import ChatFeatures, FeatureError
+from swan_serve.server.chat.grammar import (
     ConstrainedDecoding,
     GrammarTokenizer,
     Phase,
     compile_grammar,
 )
+from swan_serve.server.chat.structured import response_format_grammar
 from swan_serve.server.parsers.json_scan import JsonScanner
-from swan_serve.server.structured import response_format_grammar
 
 ALARM = {"type": "object",
          "properties": {"hour": {"type": "integer", "minimum": 0, "maximum": 23},

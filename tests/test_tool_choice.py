@@ -20,9 +20,9 @@ from parser_helpers import BOUNDED_TOOLS as TOOLS
 from tool_model import XML_TEMPLATE
 
 from swan_serve.quant.fixtures.tokenizer import CHAT_TEMPLATE
-from swan_serve.server.chat_features import ChatFeatures, FeatureError
+from swan_serve.server.chat.chat_features import ChatFeatures, FeatureError
+from swan_serve.server.chat.tool_choice import MAX_PARALLEL_CALLS, forced_calls_grammar
 from swan_serve.server.parsers import assemble_calls
-from swan_serve.server.tool_choice import MAX_PARALLEL_CALLS, forced_calls_grammar
 
 QUESTION = [{"role": "user", "content": "Wake me at seven."}]
 FORMATS = ("hermes", "qwen3_xml", "mistral")
@@ -200,9 +200,9 @@ def test_forcing_needs_a_known_format(engine: Engine) -> None:
 
 
 def _accepts(feats: ChatFeatures, fmt: str, text: str) -> bool:
-    from swan_serve.server.grammar import compile_grammar
+    from swan_serve.server.chat.grammar import compile_grammar
+    from swan_serve.server.chat.tool_choice import ToolChoice
     from swan_serve.server.parsers import format_named
-    from swan_serve.server.tool_choice import ToolChoice
 
     lark = forced_calls_grammar(format_named(fmt), TOOLS, ToolChoice("function", "set_alarm"),
                                 False, feats.grammar.marker)

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from mlx_lm.tokenizer_utils import load as load_tokenizer
 
-from swan_serve.server.prompts import turn_separator
+from swan_serve.server.chat.prompts import turn_separator
 
 QWEN_SEPARATOR = ["<|im_end|>", "\n", "<|im_start|>", "user", "\n"]
 

@@ -28,7 +28,7 @@ from mlx_lm.utils import load_model, load_tokenizer
 
 from swan_serve.quant.fixtures import write_checkpoint
 from swan_serve.quant.fixtures.tokenizer import fixture_cache_dir, shared_dir
-from swan_serve.server.tool_messages import template_messages
+from swan_serve.server.chat.tool_messages import template_messages
 
 WEATHER_TOOL = {
     "type": "function",

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..output import ParsedDelta
+from ..chat.output import ParsedDelta
 
 _ID_ALPHABET = string.ascii_letters + string.digits
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..output import ParsedDelta
+from ..chat.output import ParsedDelta
 from .base import ToolCallParser
 from .reasoning import ReasoningParser
 

@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 import mlx.core as mx
 
-from .parsers.registry import ToolFormat
+from ..parsers.registry import ToolFormat
 
 # Calls one forced answer may hold when parallel calls are allowed (keeps it finite).
 MAX_PARALLEL_CALLS = 8

@@ -28,7 +28,14 @@ from typing import TYPE_CHECKING, Any
 import mlx.core as mx
 from mlx_lm.generate import BatchGenerator
 
-from . import prefix_store
+from ..chat.prompts import turn_separator
+from ..chat.textstream import IncrementalDecoder, SequenceText
+from ..chat.token_text import TokenText
+from ..prefix import prefix_store
+from ..prefix.kv_state import free_memory_bytes
+from ..prefix.lookahead import TurnLookahead
+from ..prefix.prefix_cache import Entry
+from ..prefix.prefix_reuse import Plan, PrefixReuse
 from .generation import (
     Delta,
     GenerationFailed,
@@ -37,18 +44,11 @@ from .generation import (
     TokenLogprob,
     deliver_threadsafe,
 )
-from .kv_state import free_memory_bytes
-from .lookahead import TurnLookahead
 from .model_loading import LoadedModel
 from .prefill_schedule import PrefillScheduler
-from .prefix_cache import Entry
-from .prefix_reuse import Plan, PrefixReuse
 from .prompt_batch import use_moving_prompt_batch
-from .prompts import turn_separator
 from .sampling import make_logits_processors, make_sampler
 from .step_costs import PrefillWork
-from .textstream import IncrementalDecoder, SequenceText
-from .token_text import TokenText
 
 if TYPE_CHECKING:
     from .engine import Engine

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from .parsers.base import JSON_STYLE
+from ..parsers.base import JSON_STYLE
 
 
 class ResponseFormatError(ValueError):

@@ -15,28 +15,28 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 
 from swan_serve import __version__
 
+from ..chat.chat_features import FeatureError, RequestTools
+from ..chat.output import ParserFactory, PassThroughParser
+from ..chat.prompts import chat_prompt, completion_prompts
+from ..chat.specs import (
+    Limits,
+    build_specs,
+    check_chat_options,
+    check_completion_options,
+    max_new_tokens,
+)
+from ..engine.engine import Engine, EngineState
+from ..engine.generation import GenerationFailed, GenerationHandle
+from ..metrics import PROMETHEUS_CONTENT_TYPE
+from ..settings import ServerSettings
 from . import protocol as p
-from .chat_features import FeatureError, RequestTools
-from .engine import Engine, EngineState
 from .errors import APIError, invalid
-from .generation import GenerationFailed, GenerationHandle
-from .metrics import PROMETHEUS_CONTENT_TYPE
-from .output import ParserFactory, PassThroughParser
-from .prompts import chat_prompt, completion_prompts
 from .responses import (
     ResponseMeta,
     collect_chat,
     collect_completion,
     stream_chat,
     stream_completion,
-)
-from .settings import ServerSettings
-from .specs import (
-    Limits,
-    build_specs,
-    check_chat_options,
-    check_completion_options,
-    max_new_tokens,
 )
 
 T = TypeVar("T")

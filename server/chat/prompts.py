@@ -5,9 +5,9 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from .errors import invalid
+from ..api.errors import invalid
+from ..api.protocol import ChatCompletionRequest, CompletionRequest
 from .prompt_tokens import PromptEncoder
-from .protocol import ChatCompletionRequest, CompletionRequest
 from .tool_messages import MessageError, template_messages
 
 # Keys a client may not override through chat_template_kwargs: they change what the

@@ -14,6 +14,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from ..parsers import (
+    ChoiceParser,
+    ReasoningParser,
+    ToolFormat,
+    opened_in_prompt,
+    resolve_format,
+)
 from .grammar import (
     CompiledGrammar,
     ConstrainedDecoding,
@@ -22,13 +29,6 @@ from .grammar import (
     Phase,
     ThinkTokens,
     compile_grammar,
-)
-from .parsers import (
-    ChoiceParser,
-    ReasoningParser,
-    ToolFormat,
-    opened_in_prompt,
-    resolve_format,
 )
 from .structured import ResponseFormatError, response_format_grammar, response_schema
 from .tool_choice import (

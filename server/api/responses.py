@@ -7,11 +7,11 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
+from ..chat.output import OutputParser, ParsedDelta, ParserFactory
+from ..engine.generation import Delta, GenerationFailed, GenerationHandle, TokenLogprob
+from ..parsers.base import assemble_calls
 from . import protocol as p
 from .errors import error_body
-from .generation import Delta, GenerationFailed, GenerationHandle, TokenLogprob
-from .output import OutputParser, ParsedDelta, ParserFactory
-from .parsers.base import assemble_calls
 
 DONE = "[DONE]"
 

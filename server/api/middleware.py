@@ -11,8 +11,8 @@ import uuid
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from ..metrics import ServerMetrics
 from .errors import APIError, error_body
-from .metrics import ServerMetrics
 
 log = logging.getLogger("swan_serve.http")
 

@@ -6,9 +6,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import invalid, unsupported
-from .generation import SamplingParams, SequenceSpec
-from .protocol import ChatCompletionRequest, CompletionRequest
+from ..api.errors import invalid, unsupported
+from ..api.protocol import ChatCompletionRequest, CompletionRequest
+from ..engine.generation import SamplingParams, SequenceSpec
 
 _Request = ChatCompletionRequest | CompletionRequest
 

@@ -16,10 +16,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .errors import APIError
+from ..api.errors import APIError
+from ..metrics import ServerMetrics
+from ..settings import ServerSettings
 from .generation import GenerationHandle, SequenceSpec
-from .metrics import ServerMetrics
-from .settings import ServerSettings
 
 log = logging.getLogger("swan_serve.engine")
 
@@ -130,8 +130,8 @@ class Engine:
             self._fail(f"could not load the model from {self.model_dir}: {exc}")
             return
         self.tokenizer = loaded.tokenizer
-        from .chat_features import ChatFeatures
-        from .prompt_tokens import PromptEncoder
+        from ..chat.chat_features import ChatFeatures
+        from ..chat.prompt_tokens import PromptEncoder
 
         self.prompt_encoder = PromptEncoder(loaded.tokenizer)
 

@@ -1,0 +1,1 @@
+"""HTTP side: one module per wire format, its schemas and its event writer."""

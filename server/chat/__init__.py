@@ -1,0 +1,2 @@
+"""The internal chat request and what every API shares: prompts, tools, constraints,
+parsing seams."""

@@ -1,0 +1,1 @@
+"""The prefix cache: KV states of prompt prefixes, reused across requests."""
