@@ -6,6 +6,7 @@ import contextlib
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -21,6 +22,9 @@ from .api.middleware import ApiKeyMiddleware, RequestContextMiddleware
 from .api.routes import ServerContext
 from .engine.engine import Engine, ModelProvider
 from .settings import ServerSettings
+
+if TYPE_CHECKING:
+    from .engine.group import Distributed
 
 
 async def _api_error(_request: Request, exc: Exception) -> Response:
@@ -40,8 +44,9 @@ def create_app(
     settings: ServerSettings,
     on_engine_failure: Callable[[str], None] | None = None,
     model_provider: ModelProvider | None = None,
+    distributed: Distributed | None = None,
 ) -> Starlette:
-    engine = Engine(settings, model_provider)
+    engine = Engine(settings, model_provider, distributed)
     context = ServerContext(
         settings=settings,
         engine=engine,

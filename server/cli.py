@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
@@ -17,6 +18,9 @@ from swan_serve.quant.progress import ProgressCallback
 from swan_serve.quant.sources.resolve import ResolveError
 
 from .engine.engine import ModelProvider
+
+if TYPE_CHECKING:
+    from .engine.group import Distributed
 from .parsers.registry import CHOICES
 from .settings import (
     API_KEY_ENV,
@@ -123,6 +127,12 @@ def build_parser() -> argparse.ArgumentParser:
     add("--prefix-cache-dir", type=Path, metavar="DIR",
         help="save the prefix cache here at shutdown and read it back at start "
         f"(or set {PREFIX_CACHE_DIR_ENV}; default: not saved)")
+    add("--parallel", choices=["tensor", "pipeline"],
+        help="under mlx.launch (several ranks): split the model by tensor (every layer "
+        "across ranks) or by pipeline (layers across ranks, where mlx-lm supports it) "
+        "(default: tensor)")
+    add("--step-timeout", type=float, default=60.0, metavar="SECONDS",
+        help="under mlx.launch: a rank silent for this long ends the group (default: 60)")
     add("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     add("--access-log", action="store_true", help="log every HTTP request")
     return parser
@@ -152,6 +162,13 @@ def _fail(message: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.step_timeout <= 0:
+        return _fail("--step-timeout: must be positive")
+    from .engine.group import init_group
+
+    distributed = init_group(args.parallel, args.step_timeout)
+    if distributed is None and args.parallel:
+        return _fail("--parallel needs several ranks: start swan-serve under mlx.launch")
     try:
         model_dir, model_provider = prepare_model(args)
         settings = ServerSettings(
@@ -181,7 +198,11 @@ def main(argv: list[str] | None = None) -> int:
         flag = "--" + str(first["loc"][0]).replace("_", "-") if first["loc"] else "argument"
         return _fail(f"{flag}: {first['msg']}")
     try:
-        code = serve(settings, access_log=args.access_log, model_provider=model_provider)
+        if distributed is not None and distributed.rank > 0:
+            code = _serve_follower(settings, model_provider, distributed)
+        else:
+            code = serve(settings, access_log=args.access_log, model_provider=model_provider,
+                         distributed=distributed)
     except KeyboardInterrupt:  # Ctrl-C while uvicorn was not yet (or no longer) handling it
         code = 130
     _exit_skipping_native_teardown(code)
@@ -201,15 +222,30 @@ def _exit_skipping_native_teardown(code: int) -> None:
     os._exit(code)
 
 
+def _log_format(distributed: Distributed | None) -> str:
+    rank = f"rank {distributed.rank} " if distributed is not None else ""
+    return f"%(asctime)s {rank}%(levelname)s %(name)s: %(message)s"
+
+
+def _serve_follower(settings: ServerSettings, model_provider: ModelProvider | None,
+                    distributed: Distributed) -> int:
+    """A rank other than 0: no HTTP, the engine in lockstep with rank 0."""
+    from .engine.distributed import run_follower
+    from .engine.engine import Engine
+
+    logging.basicConfig(level=settings.log_level.upper(), format=_log_format(distributed))
+    return run_follower(Engine(settings, model_provider, distributed))
+
+
 def serve(
-    settings: ServerSettings, access_log: bool = False, model_provider: ModelProvider | None = None
+    settings: ServerSettings, access_log: bool = False, model_provider: ModelProvider | None = None,
+    distributed: Distributed | None = None,
 ) -> int:
     import uvicorn
 
     from .app import create_app
 
-    logging.basicConfig(level=settings.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=settings.log_level.upper(), format=_log_format(distributed))
     failures: list[str] = []
     server: uvicorn.Server | None = None
 
@@ -219,7 +255,7 @@ def serve(
             server.should_exit = True
 
     app = create_app(settings, on_engine_failure=on_engine_failure,
-                     model_provider=model_provider)
+                     model_provider=model_provider, distributed=distributed)
     config = uvicorn.Config(app, host=settings.host, port=settings.port,
                             log_level=settings.log_level, access_log=access_log,
                             timeout_graceful_shutdown=5)

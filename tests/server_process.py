@@ -69,10 +69,13 @@ class ServerProcess:
         # Every /health answer seen while waiting for the server: [(status, body), ...].
         self.health_seen: list[tuple[int, bytes]] = []
         self._log = tempfile.TemporaryFile()
+        # Extra subprocess.Popen arguments (a launcher's own session: distributed_process.py).
+        self.popen_options: dict = {}
 
     def start(self, timeout: float = 120.0) -> ServerProcess:
         self.process = subprocess.Popen(
-            self.command, stdout=self._log, stderr=subprocess.STDOUT, env=self.env
+            self.command, stdout=self._log, stderr=subprocess.STDOUT, env=self.env,
+            **self.popen_options,
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

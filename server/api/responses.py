@@ -138,7 +138,7 @@ async def stream_chat(
                     reason = _finish_reason(delta.finish_reason, bool(state.tool_calls))
                     yield chunk([choice(delta.choice, p.ChatDelta(), finish=reason)])
     except GenerationFailed as exc:
-        yield json.dumps(error_body(500, str(exc), code="generation_failed"))
+        yield json.dumps(error_body(exc.status, str(exc), code="generation_failed"))
         return
     if include_usage:
         yield chunk([], _usage(handle, sum(c.tokens for c in choices)))
@@ -248,7 +248,7 @@ async def stream_completion(
                                                     logprobs=logprobs,
                                                     finish_reason=d.finish_reason)])
     except GenerationFailed as exc:
-        yield json.dumps(error_body(500, str(exc), code="generation_failed"))
+        yield json.dumps(error_body(exc.status, str(exc), code="generation_failed"))
         return
     if include_usage:
         yield chunk([], _usage(handle, tokens))

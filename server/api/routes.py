@@ -202,7 +202,7 @@ async def _unless_disconnected(
         return work_task.result()
     except GenerationFailed as exc:
         ctx.engine.cancel(handle)  # frees any of its choices still running
-        raise APIError(500, str(exc), code="generation_failed") from None
+        raise APIError(exc.status, str(exc), code="generation_failed") from None
 
 
 async def list_models(request: Request) -> Response:
@@ -214,7 +214,10 @@ async def list_models(request: Request) -> Response:
 async def health(request: Request) -> Response:
     engine = _context(request).engine
     if engine.state is EngineState.READY:
-        return JSONResponse({"status": "ok"})
+        body: dict = {"status": "ok"}
+        if engine.distributed is not None:
+            body["distributed"] = engine.distributed.describe()
+        return JSONResponse(body)
     if engine.state is EngineState.LOADING:
         body = {"status": "loading", "phase": engine.loading_phase,
                 "progress": round(engine.loading_progress, 4)}
@@ -224,5 +227,8 @@ async def health(request: Request) -> Response:
 
 
 async def metrics(request: Request) -> Response:
-    text = _context(request).engine.metrics.render()
+    engine = _context(request).engine
+    text = engine.metrics.render()
+    if engine.distributed is not None:
+        text += engine.distributed.prometheus()
     return PlainTextResponse(text, headers={"Content-Type": PROMETHEUS_CONTENT_TYPE})

@@ -97,8 +97,10 @@ class BatchLoop:
         self._waiting: deque[_Sequence] = deque()
         self._active: dict[int, _Sequence] = {}
         self._token_text = TokenText(self._tokenizer)
+        # How long an idle loop waits for a message (None: until one comes).
+        self._idle_wait: float | None = None
         self._prefixes = PrefixReuse(
-            _prefix_cache_budget(self._settings.prefix_cache_bytes),
+            self._prefix_budget(),
             turn_ends=self._tokenizer.eos_token_ids,
             on_evict=lambda _entry: self._metrics.count_prefix_eviction(),
         )
@@ -145,6 +147,21 @@ class BatchLoop:
 
     # ------------------------------------------------------------ prefix cache on disk
 
+    # ------------------------------------------------------------ hooks (distributed.py)
+
+    def _prefix_budget(self) -> int:
+        return _prefix_cache_budget(self._settings.prefix_cache_bytes)
+
+    def _agree_take(self, take: int) -> int:
+        """The prefill group size every rank uses (a timing-based choice)."""
+        return take
+
+    def _sampler(self, spec: SequenceSpec) -> Any:
+        return make_sampler(spec.sampling, spec.choice, self._vocab_size)
+
+    def _step_failed(self) -> None:
+        self.fail_all("Generation failed on the server.")
+
     def _saved_prefixes_folder(self, loaded: LoadedModel) -> Path | None:
         root = self._settings.prefix_cache_dir
         if root is None or not self._prefixes.enabled or self._engine.model_dir is None:
@@ -176,7 +193,8 @@ class BatchLoop:
     def _read_inbox(self, block: bool) -> bool:
         """Applies pending messages; False once asked to stop."""
         try:
-            message = self._inbox.get() if block else self._inbox.get_nowait()
+            message = (self._inbox.get(timeout=self._idle_wait) if block
+                       else self._inbox.get_nowait())
         except queue.Empty:
             return True
         while True:
@@ -192,14 +210,16 @@ class BatchLoop:
             except queue.Empty:
                 return True
 
-    def _enqueue(self, handle: GenerationHandle) -> None:
-        if handle.cancelled:  # gave up before we saw it
+    def _enqueue(self, handle: GenerationHandle) -> bool:
+        """Queues the handle's sequences; False if it was cancelled before we saw it."""
+        if handle.cancelled:
             self._engine.admission.release(len(handle.specs))
-            return
+            return False
         for spec in handle.specs:
             decoder = IncrementalDecoder(self._tokenizer, spec.prompt[-_DECODE_CONTEXT:])
             text = SequenceText(decoder, spec.stop)
             self._waiting.append(_Sequence(handle, spec, text))
+        return True
 
     def _admit(self) -> None:
         free = self._settings.max_concurrency - len(self._active)
@@ -209,8 +229,8 @@ class BatchLoop:
         if len(candidates) == 1 and not self._prefill.busy:
             take = 1  # nothing to weigh: skip costing the prompt (a prefix-cache lookup)
         else:
-            take = self._prefill.how_many([self._prefill_work(s) for s in candidates],
-                                          decode_rows=len(self._active))
+            take = self._agree_take(self._prefill.how_many(
+                [self._prefill_work(s) for s in candidates], decode_rows=len(self._active)))
         log.debug("prefill: starting %d of %d waiting (%d running)", take, len(self._waiting),
                   len(self._active))
         batch: list[_Sequence] = []
@@ -231,8 +251,7 @@ class BatchLoop:
                     max_tokens=[s.spec.max_tokens for s in batch],
                     caches=[p.state for p in plans],
                     all_tokens=[p.all_tokens for p in plans],
-                    samplers=[make_sampler(s.spec.sampling, s.spec.choice, self._vocab_size)
-                              for s in batch],
+                    samplers=[self._sampler(s.spec) for s in batch],
                     logits_processors=[self._processors(s.spec) for s in batch],
                 )
         except Exception:  # these requests cannot start; the running batch is untouched
@@ -267,7 +286,7 @@ class BatchLoop:
             prompt_responses, responses = self._generator.next()
         except Exception:
             log.exception("a generation step failed; failing the running requests")
-            self.fail_all("Generation failed on the server.")
+            self._step_failed()
             return
         now = time.monotonic()
         self._prefill.step_done(now - started, len(responses), prompt_responses)
@@ -401,6 +420,13 @@ class BatchLoop:
         self._generator.close()
         self._generator = self._new_generator()
         self._deliver([(h, GenerationFailed(message)) for h in handles])
+
+    def fail_handles(self, failure: GenerationFailed) -> None:
+        """Any thread, once this loop is stuck for good: every request it holds gets
+        `failure` (its state is not touched)."""
+        handles = {s.handle for s in list(self._waiting)}
+        handles |= {s.handle for s in list(self._active.values())}
+        self._deliver([(h, failure) for h in handles])
 
     def _deliver(self, items: list[tuple[GenerationHandle, Any]]) -> None:
         try:

@@ -14,12 +14,15 @@ import queue
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..api.errors import APIError
 from ..metrics import ServerMetrics
 from ..settings import ServerSettings
-from .generation import GenerationHandle, SequenceSpec
+from .generation import GenerationFailed, GenerationHandle, SequenceSpec
+
+if TYPE_CHECKING:
+    from .group import Distributed
 
 log = logging.getLogger("swan_serve.engine")
 
@@ -57,8 +60,13 @@ ModelProvider = Callable[[Callable[[str, float], None]], Path]
 
 
 class Engine:
-    def __init__(self, settings: ServerSettings, model_provider: ModelProvider | None = None):
+    def __init__(self, settings: ServerSettings, model_provider: ModelProvider | None = None,
+                 distributed: Distributed | None = None):
         self.settings = settings
+        # Set when this process is one rank of several (mlx.launch): see distributed.py.
+        self.distributed = distributed
+        if distributed is not None:
+            distributed.engine = self
         self.state = EngineState.LOADING
         self.failure: str | None = None
         self._model_provider = model_provider
@@ -89,6 +97,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._on_failure: Callable[[str], None] = lambda _message: None
+        self._batch_loop: Any = None
 
     # ------------------------------------------------------------ lifecycle
 
@@ -100,6 +109,11 @@ class Engine:
         self._thread = threading.Thread(target=self._thread_main, name="swan-generation",
                                         daemon=True)
         self._thread.start()
+
+    def run_here(self, loop: asyncio.AbstractEventLoop, on_failure: Callable[[str], None]) -> None:
+        """Loads and serves on the calling thread (a distributed follower rank: no HTTP)."""
+        self._loop, self._on_failure = loop, on_failure
+        self._thread_main()
 
     def stop(self, timeout: float = 10.0) -> None:
         self._inbox.put(("stop", None))
@@ -123,8 +137,10 @@ class Engine:
             from .batch_loop import BatchLoop
             from .model_loading import load_local_model
 
+            if self.distributed is not None:
+                self.distributed.agree_on_model(self.model_dir, self.settings)
             loaded = load_local_model(self.model_dir, self.settings.dtype,
-                                      self.settings.max_model_len)
+                                      self.settings.max_model_len, parallel=self.distributed)
         except Exception as exc:
             log.exception("could not load the model from %s", self.model_dir)
             self._fail(f"could not load the model from {self.model_dir}: {exc}")
@@ -149,7 +165,12 @@ class Engine:
             loaded.context_length,
         )
         assert self._loop is not None
-        batch_loop = BatchLoop(loaded, self, self._inbox, self._loop)
+        loop_class = BatchLoop
+        if self.distributed is not None:
+            from .distributed import FollowerLoop, LeaderLoop
+
+            loop_class = LeaderLoop if self.distributed.rank == 0 else FollowerLoop
+        batch_loop = self._batch_loop = loop_class(loaded, self, self._inbox, self._loop)
         self.state = EngineState.READY
         try:
             batch_loop.run()
@@ -157,6 +178,14 @@ class Engine:
             log.exception("the generation thread stopped")
             batch_loop.fail_all("The server's generation thread stopped.")
             self._fail(f"generation thread stopped: {exc}")
+
+    def fail_everything(self, message: str, status: int) -> None:
+        """From any thread, when the generation thread cannot go on (a distributed group
+        that broke): new requests get 503, the queued and running ones this error."""
+        self.failure, self.state = message, EngineState.FAILED
+        batch_loop = self._batch_loop
+        if batch_loop is not None:
+            batch_loop.fail_handles(GenerationFailed(message, status=status))
 
     def _fail(self, message: str) -> None:
         self.failure = message

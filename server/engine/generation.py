@@ -74,6 +74,10 @@ class Delta:
 class GenerationFailed(Exception):
     """The engine could not finish this request; the message is safe for the client."""
 
+    def __init__(self, message: str, status: int = 500):
+        super().__init__(message)
+        self.status = status  # 503: the server as a whole is failing (a broken group)
+
 
 @dataclass(eq=False)
 class GenerationHandle:

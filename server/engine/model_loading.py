@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -21,6 +21,9 @@ from mlx.utils import tree_flatten
 from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.models.switch_layers import SwitchLinear
 from mlx_lm.utils import load_model, load_tokenizer
+
+if TYPE_CHECKING:
+    from .group import Distributed
 
 log = logging.getLogger("swan_serve.engine")
 
@@ -43,12 +46,18 @@ class LoadedModel:
     sampling_defaults: dict[str, float]
 
 
-def load_local_model(model_dir: Path, dtype: str, max_model_len: int | None) -> LoadedModel:
+def load_local_model(model_dir: Path, dtype: str, max_model_len: int | None,
+                     parallel: Distributed | None = None) -> LoadedModel:
+    """`parallel`: this process is one rank of several; it keeps only its shard."""
     model, config = load_model(model_dir, lazy=True)
+    if parallel is not None:
+        parallel.shard(model)  # before anything is read: each rank reads only its part
     _check_batchable(model)
     tokenizer = load_tokenizer(model_dir, eos_token_ids=config.get("eos_token_id"))
     model_dtype = _float_param_dtype(model)
     target = choose_compute_dtype(model, dtype, model_dtype)
+    if parallel is not None:  # every rank computes in rank 0's choice
+        target = getattr(mx, parallel.agree_dtype(_dtype_name(target)), None)
     if target is not None and target != model_dtype:
         model.set_dtype(target)
     compute = target or model_dtype
