@@ -30,20 +30,30 @@ from server_process import SWAN_SERVE, ServerProcess, eos_token_ids
 MODEL = "tiny"
 COMMON = ("--served-model-name", MODEL, "--dtype", "float32", "--prefix-cache-bytes", "64MiB",
           "--max-concurrency", "4")
+# Short, so that a silent rank is noticed soon; a tiny model's step takes milliseconds.
+STEP_TIMEOUT = 4.0
 PROMPTS = ["The quick brown fox", "def main():\n    ", "Once upon a time", "1, 2, 3,"]
 
 
-@pytest.fixture(scope="module", params=["qwen3", "qwen3_moe"])
-def model_dir(request: pytest.FixtureRequest, tiny_checkpoint) -> Path:
-    return tiny_checkpoint(request.param, tokenizer="small")
+@pytest.fixture(scope="module", params=[("qwen3", "tensor"), ("qwen3_moe", "tensor"),
+                                        ("qwen3_moe", "pipeline")], ids=lambda p: "-".join(p))
+def setup(request: pytest.FixtureRequest) -> tuple[str, str]:
+    """(architecture, --parallel)"""
+    return request.param
 
 
 @pytest.fixture(scope="module")
-def pair(model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+def model_dir(setup: tuple[str, str], tiny_checkpoint) -> Path:
+    return tiny_checkpoint(setup[0], tokenizer="small")
+
+
+@pytest.fixture(scope="module")
+def pair(model_dir: Path, setup: tuple[str, str], tmp_path_factory: pytest.TempPathFactory
          ) -> Iterator[tuple[ServerProcess, LaunchedServer]]:
     """(one process, two ranks) serving the same model, started side by side."""
     single = ServerProcess(model_dir, *COMMON)
-    group = LaunchedServer(model_dir, tmp_path_factory.mktemp("ranks"), *COMMON)
+    group = LaunchedServer(model_dir, tmp_path_factory.mktemp("ranks"), *COMMON,
+                           "--parallel", setup[1], "--step-timeout", str(STEP_TIMEOUT))
     starter = threading.Thread(target=single.start)
     starter.start()
     try:
@@ -140,7 +150,7 @@ def test_cancelled_stream_then_next_request_matches(pair, model_dir: Path) -> No
     assert two.choices[0].text == one.choices[0].text
 
 
-def test_health_and_metrics_show_the_group(pair) -> None:
+def test_health_and_metrics_show_the_group(pair, setup: tuple[str, str]) -> None:
     _, group = pair
     deadline = time.monotonic() + 10
     while True:  # memory reports come every few seconds
@@ -151,16 +161,40 @@ def test_health_and_metrics_show_the_group(pair) -> None:
         time.sleep(0.2)
     assert status == 200
     assert body["distributed"]["world_size"] == 2
-    assert body["distributed"]["parallel"] == "tensor"
+    assert body["distributed"]["parallel"] == setup[1]
     assert [r["rank"] for r in ranks] == [0, 1]
     assert all(r["peak_rss_bytes"] > 0 for r in ranks)
     metrics = group.metrics()
-    assert metrics['swan_distributed_world_size{parallel="tensor"}'] == 2
+    assert metrics[f'swan_distributed_world_size{{parallel="{setup[1]}"}}'] == 2
     assert metrics['swan_rank_memory_bytes{rank="1",kind="peak_rss_bytes"}'] > 0
     assert metrics["swan_distributed_all_sum_bytes_total"] > 0
 
 
-# ------------------------------------------------------------------ faults
+# ------------------------------------------------------------------ endings
+# Each group's last test ends it, each a different way (a group start is the costly part).
+
+ENDINGS = {("qwen3", "tensor"): "ctrl-c", ("qwen3_moe", "tensor"): "killed",
+           ("qwen3_moe", "pipeline"): "silent"}
+
+
+def test_the_group_ends(pair, setup: tuple[str, str], model_dir: Path) -> None:
+    _, group = pair
+    ending = ENDINGS[setup]
+    if ending == "ctrl-c":
+        _ctrl_c_stops_every_rank(group)
+    else:
+        _a_lost_rank_ends_the_group(group, model_dir, ending)
+
+
+def _ctrl_c_stops_every_rank(group: LaunchedServer) -> None:
+    assert len(group.group_pids()) >= 3  # the launcher and two ranks
+    started = time.monotonic()
+    group.stop()  # SIGINT to the whole session, as a terminal's Ctrl-C sends
+    assert time.monotonic() - started < 15
+    assert not group.group_pids()
+    # Rank 0 ends as one process does on Ctrl-C (130) after telling rank 1 to stop.
+    log = group.log()
+    assert "swan-serve: error" not in log and "rank 1 exited" not in log, log
 
 
 def _long_request(server: ServerProcess, model_dir: Path) -> dict:
@@ -174,29 +208,27 @@ def _long_request(server: ServerProcess, model_dir: Path) -> dict:
     return {"status": response.status, "body": json.loads(response.read())}
 
 
-@pytest.mark.parametrize("fault", ["killed", "silent"])
-def test_a_lost_rank_ends_the_group(fault: str, tiny_checkpoint, tmp_path: Path) -> None:
-    model_dir = tiny_checkpoint("qwen3", tokenizer="small")
-    timeout = 3.0
-    with LaunchedServer(model_dir, tmp_path, *COMMON, "--step-timeout", str(timeout)) as group:
-        with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            answer = pool.submit(_long_request, group, model_dir)
-            group.wait_for_metric("swan_active_sequences", lambda v: v == 1, timeout=20)
-            leader, follower = group.rank_pid(0), group.rank_pid(1)
-            lost_at = time.monotonic()
-            os.kill(follower, signal.SIGKILL if fault == "killed" else signal.SIGSTOP)
-            result = answer.result(timeout=timeout + 15)
-        assert result["status"] == 503
-        assert "distributed group failed" in result["body"]["error"]["message"]
-        assert _exits(leader, timeout + 15)
-        noticed = time.monotonic() - lost_at
-        if fault == "silent":
-            assert noticed >= timeout * 0.8  # the watchdog, not the launcher, ended it
-            # A stopped process cannot act on the launcher's SIGTERM until it runs again.
-            os.kill(follower, signal.SIGCONT)
-        assert group.wait_until_gone(15), "a rank was left running"
-        log = group.log()
-    assert noticed < timeout + 10
+def _a_lost_rank_ends_the_group(group: LaunchedServer, model_dir: Path, fault: str) -> None:
+    """Rank 1 killed (the ring breaks at once) or stopped (only the watchdog can tell):
+    the request in flight gets 503, rank 0 exits 1 with one line, no rank is left."""
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        answer = pool.submit(_long_request, group, model_dir)
+        group.wait_for_metric("swan_active_sequences", lambda v: v == 1, timeout=20)
+        leader, follower = group.rank_pid(0), group.rank_pid(1)
+        lost_at = time.monotonic()
+        os.kill(follower, signal.SIGKILL if fault == "killed" else signal.SIGSTOP)
+        result = answer.result(timeout=STEP_TIMEOUT + 15)
+    assert result["status"] == 503
+    assert "distributed group failed" in result["body"]["error"]["message"]
+    assert _exits(leader, STEP_TIMEOUT + 15)
+    noticed = time.monotonic() - lost_at
+    if fault == "silent":
+        assert noticed >= STEP_TIMEOUT * 0.8  # the watchdog, not the launcher, ended it
+        # A stopped process cannot act on the launcher's SIGTERM until it runs again.
+        os.kill(follower, signal.SIGCONT)
+    assert noticed < STEP_TIMEOUT + 10
+    assert group.wait_until_gone(15), "a rank was left running"
+    log = group.log()
     errors = [line for line in log.splitlines() if line.startswith("swan-serve: error: rank 0")]
     assert len(errors) == 1, log
     assert "Node with rank 0 exited with code 1" in log
@@ -212,19 +244,7 @@ def _exits(pid: int, timeout: float) -> bool:
     return False
 
 
-def test_ctrl_c_stops_every_rank(tiny_checkpoint, tmp_path: Path) -> None:
-    model_dir = tiny_checkpoint("qwen3", tokenizer="small")
-    group = LaunchedServer(model_dir, tmp_path, *COMMON)
-    with group:
-        client_of(group).completions.create(model=MODEL, prompt="Hi", max_tokens=2)
-        assert len(group.group_pids()) >= 3  # the launcher and two ranks
-        started = time.monotonic()
-        group.stop()  # SIGINT to the whole session, as a terminal's Ctrl-C sends
-        assert time.monotonic() - started < 15
-        assert not group.group_pids()
-        log = group.log()
-    # Rank 0 ends as one process does on Ctrl-C (130) after telling rank 1 to stop.
-    assert "swan-serve: error" not in log and "rank 1 exited" not in log, log
+# ------------------------------------------------------------------ refusals
 
 
 def test_ranks_holding_different_models_refuse_to_serve(tiny_checkpoint, tmp_path: Path) -> None:

@@ -73,11 +73,16 @@ class Collectives:
             everyone = mx.distributed.all_gather(mine, group=self.group)
         return np.array(everyone, copy=False).reshape(self.size, len(values)).tolist()
 
+    def digests(self, text: str) -> list[str]:
+        """Every rank's sha256 of its `text` (hex, shortened), by rank."""
+        digest = np.frombuffer(hashlib.sha256(text.encode()).digest(), dtype=np.uint8)
+        with mx.stream(self.stream or mx.default_stream(mx.default_device())):
+            gathered = mx.distributed.all_gather(mx.array(digest), group=self.group)
+        return [bytes(row).hex()[:12] for row in np.array(gathered).reshape(self.size, -1)]
+
     def agree(self, what: str, text: str, hint: str) -> None:
         """Stops every rank with one line unless all ranks hold the same `text`."""
-        digest = np.frombuffer(hashlib.sha256(text.encode()).digest(), dtype=np.uint8)
-        gathered = mx.distributed.all_gather(mx.array(digest), group=self.group)
-        digests = [bytes(row).hex()[:12] for row in np.array(gathered).reshape(self.size, -1)]
+        digests = self.digests(text)
         differing = [rank for rank, d in enumerate(digests) if d != digests[0]]
         if differing:
             raise GroupFailed(

@@ -38,6 +38,8 @@ import weakref
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from mlx_lm.models.cache import make_prompt_cache
+
 from .batch_loop import BatchLoop
 from .collectives import BroadcastSampler, GroupFailed, ReceivedSampler
 from .generation import GenerationHandle, SamplingParams, SequenceSpec
@@ -82,9 +84,16 @@ class _LockstepLoop(BatchLoop):
         self._dist.collectives.stream = self._stream
 
     def _prefix_budget(self) -> int:
+        """Every rank holds its shard of every cached state, and evicts by its own byte
+        counts: those agree when every rank holds the same kinds of layer cache (always
+        by tensor; by pipeline when the layers split evenly), else the cache stays off."""
+        collectives = self._dist.collectives
+        layout = ",".join(type(c).__name__ for c in make_prompt_cache(self._model))
+        if len(set(collectives.digests(layout))) > 1:
+            log.warning("prefix cache off: the ranks hold different mixes of layers")
+            return 0
         mine = super()._prefix_budget()
-        # Every rank holds its shard of every cached state: the smallest budget binds.
-        return min(row[0] for row in self._dist.collectives.gather_ints([mine >> 10])) << 10
+        return min(row[0] for row in collectives.gather_ints([mine >> 10])) << 10
 
     def _saved_prefixes_folder(self, loaded: Any) -> Path | None:
         return None
