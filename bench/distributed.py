@@ -4,8 +4,10 @@
     .venv/bin/python bench/distributed.py --quick    # fewer repeats
     .venv/bin/python bench/distributed.py --paper    # only the on-paper Qwen3.5-397B-A17B estimate
 
-Each server in turn (never both at once) is started for real, warmed up, then measured:
-TTFT (streamed completions of a ~100-token prompt, median), single-stream decode tokens/s
+Each server in turn (never both at once) is started for real (the two ranks as mlx.launch
+starts them, MLX_RANK and MLX_HOSTFILE, without the launcher's own process, whose output
+loop polls: on 2 cores it would take CPU from the ranks), warmed up, then measured:
+TTFT (streamed completions of a short prompt, median), single-stream decode tokens/s
 (end-of-sequence banned, median), aggregate tokens/s of 4 concurrent clients, each process's
 peak RSS (VmHWM) after the run and, for the ranks, the bytes rank 0 put into all_sum per
 decode step (swan_distributed_all_sum_bytes_total in /metrics, which counts the sharded
@@ -29,20 +31,21 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
-from distributed_process import LaunchedServer  # noqa: E402
+from distributed_process import DirectRanks  # noqa: E402
 from server_process import ServerProcess, eos_token_ids  # noqa: E402
 
 OUT = REPO / "bench" / "out"
-# ~82M parameters (330 MB in float32): the weights dominate a process's memory.
-SHAPE = dict(hidden_size=768, intermediate_size=2304, num_hidden_layers=12,
-             num_attention_heads=12, num_key_value_heads=4, head_dim=64)
+# ~38M parameters in the layers (151 MB in float32): the weights are most of a process's
+# memory, and a step stays short on MLX's CPU matmul (~1 GFLOP/s here).
+SHAPE = dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=12,
+             num_attention_heads=8, num_key_value_heads=4, head_dim=64)
 ARGS = ("--served-model-name", "bench", "--dtype", "float32", "--max-concurrency", "4",
         "--prefix-cache-bytes", "0")
-PROMPT = " ".join(f"word{i}" for i in range(60))
+PROMPT = "Once upon a time, in a small town by the sea, there lived an old clockmaker"
 
 
 def fixture_model() -> Path:
-    path = OUT / "qwen3-dist-bf16"
+    path = OUT / "qwen3-dist-12x512"
     if not (path / "config.json").exists():
         from swan_serve.quant.fixtures import write_checkpoint
 
@@ -88,25 +91,30 @@ def measure(server: ServerProcess, banned: dict[str, int], repeats: int,
         stream(port, PROMPT, 8, banned)  # warm-up
     ttft = statistics.median(stream(port, f"{i} {PROMPT}", 1, banned)[0]
                              for i in range(repeats))
-    before = server.metrics()
     speeds = []
     for i in range(repeats):
         arrivals = stream(port, f"{i}: {PROMPT}", decode_tokens, banned)
         speeds.append((len(arrivals) - 1) / (arrivals[-1] - arrivals[0]))
-    after = server.metrics()
+    # The same prompt twice, decoding 8 and then 8 + decode_tokens tokens: the difference
+    # is decode steps only (the prefill and the prompt's turn are the same).
+    sent = []
+    for tokens in (8, 8 + decode_tokens):
+        before = server.metrics()
+        stream(port, f"bytes: {PROMPT}", tokens, banned)
+        sent.append({k: server.metrics().get(k, 0) - before.get(k, 0) for k in before})
     clients = 4
     started = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(clients) as pool:
         runs = list(pool.map(lambda i: stream(port, f"client {i} {PROMPT}", decode_tokens,
                                               banned), range(clients)))
     aggregate = sum(len(r) for r in runs) / (time.perf_counter() - started)
-    steps = after["swan_generation_tokens_total"] - before["swan_generation_tokens_total"]
-    name = "swan_distributed_all_sum_bytes_total"
-    count = "swan_distributed_all_sums_total"
+    def per_step(name: str) -> float:
+        return (sent[1].get(name, 0) - sent[0].get(name, 0)) / decode_tokens
+
     return {
         "ttft": ttft, "decode": statistics.median(speeds), "aggregate": aggregate,
-        "bytes_per_step": (after.get(name, 0) - before.get(name, 0)) / steps,
-        "all_sums_per_step": (after.get(count, 0) - before.get(count, 0)) / steps,
+        "bytes_per_step": per_step("swan_distributed_all_sum_bytes_total"),
+        "all_sums_per_step": per_step("swan_distributed_all_sums_total"),
     }
 
 
@@ -116,7 +124,7 @@ def measure(server: ServerProcess, banned: dict[str, int], repeats: int,
 def run(quick: bool) -> None:
     model = fixture_model()
     banned = {str(t): -100 for t in eos_token_ids(model)}
-    repeats, decode_tokens = (3, 32) if quick else (7, 64)
+    repeats, decode_tokens = (3, 16) if quick else (5, 32)
     config = json.loads((model / "config.json").read_text())
     print(f"model: Qwen3 fixture, {config['num_hidden_layers']} layers, hidden "
           f"{config['hidden_size']}, float32; {repeats} repeats, {decode_tokens} decoded tokens")
@@ -125,14 +133,14 @@ def run(quick: bool) -> None:
         one = measure(single, banned, repeats, decode_tokens)
         one_rss = [peak_rss(single.process.pid)]
     with tempfile.TemporaryDirectory() as folder, \
-            LaunchedServer(model, Path(folder), *ARGS, "--parallel", "tensor") as group:
+            DirectRanks(model, Path(folder), *ARGS, "--parallel", "tensor") as group:
         two = measure(group, banned, repeats, decode_tokens)
         two_rss = [peak_rss(group.rank_pid(rank)) for rank in (0, 1)]
 
     print()
     print("| | 1 process | 2 ranks (tensor) | 2 ranks / 1 |")
     print("|---|---|---|---|")
-    print(f"| TTFT p50, ~100-token prompt | {one['ttft'] * 1e3:.1f} ms | "
+    print(f"| TTFT p50, short prompt | {one['ttft'] * 1e3:.1f} ms | "
           f"{two['ttft'] * 1e3:.1f} ms | {two['ttft'] / one['ttft']:.2f}x |")
     print(f"| decode, 1 stream | {one['decode']:.1f} tok/s | {two['decode']:.1f} tok/s | "
           f"{two['decode'] / one['decode']:.2f}x |")
@@ -148,7 +156,7 @@ def run(quick: bool) -> None:
     print(f"all_sum bytes rank 0 sends per decode step (1 stream): "
           f"{two['bytes_per_step']:.0f} B in {two['all_sums_per_step']:.1f} collectives; "
           f"of which the sharded layers: {layers} B (2 per layer x hidden x 4 B), the rest "
-          f"the sampled token, the turn's control message and idle heartbeats")
+          f"the sampled token and the turn's control message")
 
 
 def _float32_weight_bytes(config: dict) -> int:

@@ -96,3 +96,40 @@ class LaunchedServer(ServerProcess):
                 os.killpg(self.process.pid, signal.SIGKILL)
         self.process.wait()
         return self.process.returncode
+
+
+class DirectRanks(ServerProcess):
+    """The ranks started the way mlx.launch starts them (MLX_RANK, MLX_HOSTFILE), without
+    the launcher process, whose output-forwarding loop polls and would take CPU from the
+    ranks on a 2-core machine (benches)."""
+
+    def __init__(self, model_dir: Path, folder: Path, *args: str, ranks: int = 2):
+        port = free_port_pair() if ranks == 2 else 0
+        if ranks != 2:
+            raise ValueError("free_port_pair gives two ports")
+        ring = folder / "ring.json"
+        ring.write_text(json.dumps([[f"127.0.0.1:{port + r}"] for r in range(ranks)]))
+        super().__init__(model_dir, *args, env={"MLX_RANK": "0", "MLX_HOSTFILE": str(ring)})
+        self.ranks = ranks
+        self.followers: list[subprocess.Popen] = []
+
+    def start(self, timeout: float = 120.0) -> ServerProcess:
+        self.followers = [
+            subprocess.Popen(self.command, env={**self.env, "MLX_RANK": str(rank)},
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            for rank in range(1, self.ranks)]
+        return super().start(timeout)
+
+    def rank_pid(self, rank: int) -> int:
+        assert self.process is not None
+        return self.process.pid if rank == 0 else self.followers[rank - 1].pid
+
+    def stop(self, timeout: float = 15.0) -> int | None:
+        code = super().stop(timeout)
+        for follower in self.followers:
+            try:
+                follower.wait(timeout)
+            except subprocess.TimeoutExpired:
+                follower.kill()
+                follower.wait()
+        return code

@@ -50,15 +50,24 @@ def model_dir(setup: tuple[str, str], tiny_checkpoint) -> Path:
 @pytest.fixture(scope="module")
 def pair(model_dir: Path, setup: tuple[str, str], tmp_path_factory: pytest.TempPathFactory
          ) -> Iterator[tuple[ServerProcess, LaunchedServer]]:
-    """(one process, two ranks) serving the same model, started side by side."""
-    single = ServerProcess(model_dir, *COMMON)
-    group = LaunchedServer(model_dir, tmp_path_factory.mktemp("ranks"), *COMMON,
-                           "--parallel", setup[1], "--step-timeout", str(STEP_TIMEOUT))
+    """(one process, two ranks) serving the same model, started side by side. The dense
+    model is quantized on first load: all three processes share one cache folder (one
+    machine), so one of them builds it under the cache lock and the ranks then check they
+    hold the same plan and weights."""
+    quantize = setup == ("qwen3", "tensor")
+    cache = ("--cache-dir", str(tmp_path_factory.mktemp("cache"))) if quantize else ()
+    single = ServerProcess(model_dir, *COMMON, *cache, quantize=quantize)
+    group = LaunchedServer(model_dir, tmp_path_factory.mktemp("ranks"), *COMMON, *cache,
+                           "--parallel", setup[1], "--step-timeout", str(STEP_TIMEOUT),
+                           quantize=quantize)
     starter = threading.Thread(target=single.start)
     starter.start()
     try:
         with group:
             starter.join()
+            if quantize:
+                [entry] = [p for p in Path(cache[1]).rglob("config.json")]
+                assert (entry.parent / "swan-plan.json").exists()
             yield single, group
     finally:
         starter.join()

@@ -69,6 +69,10 @@ def _spec_from(message: dict[str, Any]) -> SequenceSpec:
                         choice=message["choice"], chat_turn=message["chat_turn"])
 
 
+# A loop turn in which rank 0 started, cancelled and asked nothing.
+_NOTHING: dict[str, Any] = {"ops": [], "stop": False}
+
+
 class _LockstepLoop(BatchLoop):
     """What both sides change in BatchLoop: the budget all ranks can hold, no saved
     prefix cache (each rank's states are its own shard), a watchdog, and fatal errors."""
@@ -96,6 +100,9 @@ class _LockstepLoop(BatchLoop):
         return min(row[0] for row in collectives.gather_ints([mine >> 10])) << 10
 
     def _saved_prefixes_folder(self, loaded: Any) -> Path | None:
+        if self._settings.prefix_cache_dir is not None:
+            log.warning("the prefix cache is not saved across restarts when serving on "
+                        "several ranks (each holds only its shard of every state)")
         return None
 
     def _step_failed(self) -> None:
@@ -133,7 +140,8 @@ class LeaderLoop(_LockstepLoop):
         if time.monotonic() - self._memory_at > MEMORY_REPORT_SECONDS:
             self._memory_at = time.monotonic()
             turn["memory"] = True
-        self._dist.collectives.broadcast(turn)
+        # Most turns (every decode step) have nothing to say: one collective, not two.
+        self._dist.collectives.broadcast(turn if turn != _NOTHING else None)
         self._turn_done(turn)
         return going_on
 
@@ -174,7 +182,7 @@ class FollowerLoop(_LockstepLoop):
         super().__init__(*args)
 
     def _read_inbox(self, block: bool) -> bool:
-        turn = self._dist.collectives.broadcast()
+        turn = self._dist.collectives.broadcast() or _NOTHING
         for op in turn["ops"]:
             if op[0] == "submit":
                 specs = [_spec_from(m) for m in op[2]]
