@@ -2,24 +2,27 @@
 
 Under `mlx.launch`, every rank runs `swan-serve MODEL --parallel tensor|pipeline`:
 
-- every rank resolves the same MODEL and, on a first load, quantizes it on its own machine
-  under that machine's cache lock (two ranks on one machine convert it once). The build's
-  decisions are deterministic (the same checkpoint and recipe give a byte-identical
-  manifest and plan), so every machine holds the same checkpoint layout without shipping
-  gigabytes between machines; before serving, the ranks exchange a hash of the plan, the
-  weights' layout (every safetensors header) and the serving settings, and a mismatch
-  stops every rank with one line.
+- every rank resolves the same MODEL and, on a first load, quantizes all of it on its own
+  machine under that machine's cache lock (two ranks on one machine convert it once).
+  The build is deterministic (the same checkpoint and recipe give a byte-identical
+  manifest and plan), so every machine gets the same checkpoint without gigabytes
+  crossing the link. Each rank does not convert only its own part: a tensor-parallel
+  shard cuts through every matrix, and the cache keeps one whole, standard MLX checkpoint
+  that any number of ranks, a single server or stock mlx_lm can load. Before serving,
+  the ranks compare a hash of the config, the plan, the weight files (headers and sampled
+  bytes) and the serving settings; a mismatch stops every rank with one line.
 - mlx_lm shards the model (`model.shard(group)` for tensor parallelism,
   `model.model.pipeline(group)` for pipeline parallelism): each rank holds about 1/N of
   the weights and of every KV cache, prefix-cache states included.
 - rank 0 alone listens for HTTP and runs the scheduler and the prefix cache's
   bookkeeping. Its generation thread (LeaderLoop) sends, once per loop turn, what it did
   to the batch: requests started (prompt tokens, sampling parameters, stop strings),
-  cancellations, the prefill group size it chose, the prefix-cache budget. Every other
-  rank (FollowerLoop) replays those decisions through the same BatchLoop code, so both
-  run the same BatchGenerator steps, make the same prefix-cache plans and saves, and
-  evict the same states. The sampled tokens are sent by rank 0 inside each step
-  (collectives.BroadcastSampler): only rank 0 runs grammar constraints and penalties.
+  cancellations, the prefill group size it chose (and once, the prefix-cache budget
+  every rank can hold). Every other rank (FollowerLoop) replays those decisions through
+  the same BatchLoop code, so all run the same BatchGenerator steps, make the same
+  prefix-cache plans and saves, and evict the same states. Rank 0 sends the sampled
+  tokens inside each step (collectives.BroadcastSampler): only rank 0 runs grammar
+  constraints and penalties.
 - a rank that dies breaks the ring at once (mlx raises on the others); one that stops
   answering is caught by a step watchdog. Either way rank 0 answers 503 and every rank
   exits non-zero with one line.
