@@ -35,6 +35,8 @@ class BuildOptions:
     rebuild: bool = False
     revision: str | None = None
     analysis_config: str | None = None  # preset name or TOML path; None: swan-default
+    gguf_file: str | None = None  # GGUF: which quant of a repo/folder (pattern)
+    tokenizer: str | None = None  # GGUF: take the tokenizer from this HF id or folder
     extra: dict = field(default_factory=dict)
 
 
@@ -83,7 +85,9 @@ def prepare_build(model: str, options: BuildOptions | None = None) -> PreparedBu
     model fails in a second rather than minutes into a build. Downloads a hub id."""
     options = options or BuildOptions()
     try:
-        resolved = resolve_model(model, options.revision)
+        resolved = resolve_model(model, options.revision, gguf_file=options.gguf_file,
+                                 tokenizer=options.tokenizer,
+                                 sidecar_root=ModelCache(options.cache_dir).root)
     except ResolveError as exc:
         raise BuildError(str(exc)) from None
     if resolved.is_mlx_quantized:
@@ -199,7 +203,10 @@ def check_buildable(model_dir: Path) -> None:
 def estimated_build_bytes(resolved: ResolvedModel, target_bpw: float | None) -> int:
     """Disk a build needs: the quantized weights (plus slack for float tensors and the
     manifest), from the source's safetensors sizes and the bits-per-weight target."""
+    from .sources.gguf_model import source_bytes as gguf_bytes
+
     source_bytes = sum(p.stat().st_size for p in resolved.path.glob("*.safetensors"))
+    source_bytes += gguf_bytes(resolved.path)
     bpw = target_bpw or 8.0
     return int(source_bytes * min(1.0, bpw / 16.0) * 1.15) + 64 * 2**20
 

@@ -32,10 +32,28 @@ def add_analyze(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=None, help="override the config's seed")
     p.add_argument("--workers", type=int, default=None, help="tensors analysed in parallel")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_gguf_options(p)
     p.set_defaults(run=run_analyze)
 
 
-def _model_dir(model: str) -> Path:
+def _add_gguf_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--gguf-file", default=None, metavar="PATTERN",
+                   help="GGUF: which file(s) of a folder or hub repo (e.g. Q4_K_M, BF16)")
+    p.add_argument("--tokenizer", default=None, metavar="HF_ID_OR_DIR",
+                   help="GGUF: use this model's tokenizer files instead of rebuilding them")
+
+
+def _model_dir(model: str, args: argparse.Namespace | None = None) -> Path:
+    gguf_file, tokenizer = getattr(args, "gguf_file", None), getattr(args, "tokenizer", None)
+    from .sources.gguf_model import wants_gguf
+
+    if wants_gguf(model, gguf_file) or tokenizer:
+        from .sources.resolve import ResolveError, resolve_model
+
+        try:
+            return resolve_model(model, gguf_file=gguf_file, tokenizer=tokenizer).path
+        except ResolveError as exc:
+            raise CommandError(str(exc)) from None
     path = Path(model).expanduser()
     if path.exists() or model.startswith((".", "/", "~")) or model.count("/") != 1:
         return path
@@ -58,7 +76,8 @@ def run_analyze(args: argparse.Namespace) -> int:
     updates = {k: v for k, v in (("seed", args.seed), ("workers", args.workers)) if v is not None}
     if updates:
         config = config.model_copy(update={"analysis": config.analysis.model_copy(update=updates)})
-    manifest = analyze_checkpoint(_model_dir(args.model), config, progress=not args.no_progress)
+    manifest = analyze_checkpoint(_model_dir(args.model, args), config,
+                                  progress=not args.no_progress)
     manifest.save(args.output)
     q = manifest.summary.composite_quantiles
     print(
@@ -91,7 +110,7 @@ def run_inspect(args: argparse.Namespace) -> int:
 
 def add_convert(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("convert", help="quantize a Hugging Face model into an MLX checkpoint")
-    p.add_argument("model", help="Hugging Face checkpoint directory (or hub id)")
+    p.add_argument("model", help="Hugging Face checkpoint directory, hub id, or GGUF file/folder")
     p.add_argument("-o", "--output", required=True, help="MLX model directory to write")
     p.add_argument("--target-bpw", type=float, default=None,
                    help="bits per weight, scales/biases and float tensors counted "
@@ -102,6 +121,7 @@ def add_convert(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", default=None, help="analysis preset or TOML (swan-default)")
     p.add_argument("--force", action="store_true", help="replace a non-empty output directory")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_gguf_options(p)
     p.set_defaults(run=run_convert)
 
 
@@ -120,7 +140,7 @@ def run_convert(args: argparse.Namespace) -> int:
         if args.target_bpw is not None and recipe.mode != "budget":
             raise CommandError(f"--target-bpw needs a budget recipe; {recipe.name} is "
                                f"{recipe.mode}")
-        result = quantize_model(_model_dir(args.model), out, recipe=recipe,
+        result = quantize_model(_model_dir(args.model, args), out, recipe=recipe,
                                 target_bpw=args.target_bpw, analysis_config=args.config,
                                 manifest_path=args.manifest, force=args.force,
                                 progress=not args.no_progress)

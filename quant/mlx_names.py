@@ -159,6 +159,8 @@ def float_tensors(ckpt: Checkpoint, name_map: NameMap, model: nn.Module) -> dict
     """The float (unquantized) parameters as mlx_lm's sanitize makes them: lazy arrays
     backed by the checkpoint files; each is read when it is evaluated."""
     wanted = sorted({s for t in name_map.floats() for s in t.sources})
+    if hasattr(ckpt, "lazy_arrays"):  # GGUF: read and transformed by the source itself
+        return _sanitized_floats(ckpt.lazy_arrays(wanted), name_map, model)
     by_file: dict[str, list[str]] = {}
     for name in wanted:
         by_file.setdefault(ckpt.info(name).file, []).append(name)
@@ -166,6 +168,11 @@ def float_tensors(ckpt: Checkpoint, name_map: NameMap, model: nn.Module) -> dict
     for file, file_names in sorted(by_file.items()):
         loaded = mx.load(str(Path(ckpt.root) / file))  # lazy: nothing read yet
         raw.update({n: loaded[n] for n in file_names})
+    return _sanitized_floats(raw, name_map, model)
+
+
+def _sanitized_floats(raw: dict[str, mx.array], name_map: NameMap, model: nn.Module
+                      ) -> dict[str, mx.array]:
     out = model.sanitize(raw)
     keys = {t.key for t in name_map.floats()}
     if set(out) != keys:

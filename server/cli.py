@@ -48,10 +48,14 @@ def prepare_model(args: argparse.Namespace) -> tuple[Path | None, ModelProvider 
 
     model = args.model or str(DEMO_MODEL_DIR)
     if args.no_quantize:
+        if args.gguf_file or model.endswith(".gguf"):
+            raise ResolveError("--no-quantize serves safetensors as they are; GGUF weights "
+                               "are converted (try --recipe keep to keep their own grid)")
         return resolve_model(model, args.revision).path, None
     options = BuildOptions(target_bpw=args.target_bpw, recipe=args.recipe,
                            cache_dir=args.cache_dir, rebuild=args.rebuild,
-                           revision=args.revision)
+                           revision=args.revision, gguf_file=args.gguf_file,
+                           tokenizer=args.tokenizer)
     if looks_like_repo_id(model):
         return None, lambda on_progress: _build_from_hub(model, options, on_progress)
     prepared = prepare_build(model, options)
@@ -92,6 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
         "~/.cache/swan-serve)")
     add("--rebuild", action="store_true", help="quantize again even if the cache has a build")
     add("--revision", help="hub revision (branch, tag or commit) of MODEL")
+    add("--gguf-file", metavar="PATTERN",
+        help="MODEL's GGUF file(s) to use when a folder or hub repo holds several quants "
+        "(e.g. Q4_K_M, UD-Q4_K_XL, BF16); only the matching shards are downloaded")
+    add("--tokenizer", metavar="HF_ID_OR_DIR",
+        help="GGUF MODEL: take the tokenizer from the original model instead of rebuilding "
+        "it from the GGUF metadata")
     add("--no-quantize", action="store_true",
         help="serve the model's weights as they are, without quantizing")
     add("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, loopback only)")

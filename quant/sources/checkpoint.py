@@ -221,6 +221,10 @@ def _shard_files(root: Path) -> tuple[list[str], dict[str, str] | None]:
 
 def open_checkpoint(model_dir: str | os.PathLike) -> Checkpoint:
     root = Path(model_dir).expanduser()
+    from .gguf_model import is_gguf_source, open_source
+
+    if is_gguf_source(root):  # a folder standing for GGUF files (gguf_model.py)
+        return open_source(root)
     if not root.is_dir():
         raise CheckpointError(f"not a model directory: {root} (no such directory)")
     config_path = root / "config.json"

@@ -110,6 +110,7 @@ class GGUFFile:
     version: int
     metadata: dict
     tensors: list[GGUFTensor]
+    header_bytes: int  # where tensor data starts
 
 
 def read_header(path: Path) -> GGUFFile:
@@ -143,7 +144,7 @@ def read_header(path: Path) -> GGUFFile:
     alignment = int(metadata.get("general.alignment", DEFAULT_ALIGNMENT))
     data_start = -(-cur.pos // alignment) * alignment
     tensors = [_tensor(path, size, data_start, *info) for info in infos]
-    return GGUFFile(path, version, metadata, tensors)
+    return GGUFFile(path, version, metadata, tensors, data_start)
 
 
 def _tensor(path: Path, size: int, data_start: int, name: str, ne: list[int], type_id: int,
@@ -168,6 +169,7 @@ class GGUFModel:
 
     def __init__(self, files: list[GGUFFile]):
         self.files = [f.path for f in files]
+        self.header_bytes = [f.header_bytes for f in files]
         self.version = files[0].version
         self.metadata = {k: v for k, v in files[0].metadata.items() if not k.startswith("split.")}
         self.tensors: dict[str, GGUFTensor] = {}

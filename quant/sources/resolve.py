@@ -81,8 +81,24 @@ def looks_like_repo_id(model: str) -> bool:
     return bool(_REPO_ID.match(model)) and not Path(model).expanduser().exists()
 
 
-def resolve_model(model: str, revision: str | None = None) -> ResolvedModel:
-    """Turn MODEL (local directory or Hugging Face repo id) into a local checkpoint."""
+def resolve_model(
+    model: str,
+    revision: str | None = None,
+    *,
+    gguf_file: str | None = None,
+    tokenizer: str | None = None,
+    sidecar_root: Path | None = None,
+) -> ResolvedModel:
+    """Turn MODEL (local directory or Hugging Face repo id) into a local checkpoint.
+
+    GGUF weights (a .gguf file, a folder of them, or a repo with `gguf_file`) become a
+    source folder under `sidecar_root` (see gguf_model.py)."""
+    from .gguf_model import wants_gguf
+
+    if wants_gguf(model, gguf_file):
+        return _resolve_gguf(model, revision, gguf_file, tokenizer, sidecar_root)
+    if tokenizer:
+        raise ResolveError("--tokenizer applies to GGUF models only")
     local = Path(model).expanduser()
     if local.exists():
         if not local.is_dir():
@@ -95,12 +111,16 @@ def resolve_model(model: str, revision: str | None = None) -> ResolvedModel:
             f"{model!r} is neither an existing directory nor a Hugging Face repo id (org/name)"
         )
     path = Path(_download(model, revision))
+    if not (path / "config.json").is_file() and any(path.glob("*.gguf")):
+        raise ResolveError(f"{model} holds GGUF weights: pick them with --gguf-file PATTERN")
     read_config(path)
     # A hub snapshot lives in .../snapshots/<commit>: the commit names the content.
     return ResolvedModel(path, model, path.name)
 
 
-def _download(repo_id: str, revision: str | None) -> str:
+def _download(
+    repo_id: str, revision: str | None, patterns: list[str] = CHECKPOINT_FILE_PATTERNS
+) -> str:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
         GatedRepoError,
@@ -111,7 +131,7 @@ def _download(repo_id: str, revision: str | None) -> str:
 
     try:
         return snapshot_download(
-            repo_id, revision=revision, allow_patterns=CHECKPOINT_FILE_PATTERNS
+            repo_id, revision=revision, allow_patterns=patterns
         )
     except GatedRepoError as exc:
         raise ResolveError(
@@ -130,3 +150,35 @@ def _download(repo_id: str, revision: str | None) -> str:
         ) from exc
     except OSError as exc:
         raise ResolveError(f"downloading {repo_id} failed: {exc}") from exc
+
+
+def _resolve_gguf(
+    model: str,
+    revision: str | None,
+    gguf_file: str | None,
+    tokenizer: str | None,
+    sidecar_root: Path | None,
+) -> ResolvedModel:
+    from .gguf_file import GGUFError
+    from .gguf_model import download_gguf, first_gguf, prepare_source
+
+    if sidecar_root is None:
+        from ..cache import default_cache_root
+
+        sidecar_root = default_cache_root()
+    try:
+        local = Path(model).expanduser()
+        if local.exists():
+            first = first_gguf(model, gguf_file)
+            source = str(first)
+        elif looks_like_repo_id(model):
+            folder = download_gguf(model, gguf_file or "*", revision)
+            first = first_gguf(str(folder), gguf_file)
+            source = f"{model}:{first.relative_to(folder)}"
+        else:
+            raise ResolveError(f"{model!r} is neither an existing path nor a Hugging Face "
+                               "repo id (org/name)")
+        path, content = prepare_source(first, sidecar_root / "gguf-sources", tokenizer)
+    except GGUFError as exc:
+        raise ResolveError(str(exc)) from None
+    return ResolvedModel(path, source, content)
