@@ -182,7 +182,19 @@ def _shift(perm: np.ndarray, offset: int) -> np.ndarray:
 
 
 def _a_log(values: np.ndarray) -> np.ndarray:
-    return np.log(-values.astype(np.float64)).astype(np.float32)
+    """A_log from llama.cpp's ssm_a = -exp(A_log). float32 exp is many-to-one, so A_log
+    itself can be 1 ulp off; of the candidates next to log(-a), take one whose
+    float32 exp gives back the stored value exactly: the A the model computes."""
+    target = -values.astype(np.float32)
+    best = np.log(target.astype(np.float64)).astype(np.float32)
+    found = np.exp(best) == target
+    for step in (1, -1, 2, -2):
+        candidate = best.view(np.int32) + np.int32(step)
+        candidate = candidate.view(np.float32)
+        fix = ~found & (np.exp(candidate) == target)
+        best = np.where(fix, candidate, best)
+        found |= fix
+    return best
 
 
 class _Builder:
