@@ -99,3 +99,56 @@ def test_source_folder_is_an_ordinary_model_directory(tiny_checkpoint, tmp_path)
     assert ckpt.config["model_type"] == "qwen3"
     assert ckpt.config["num_hidden_layers"] == open_checkpoint(hf_dir).config[
         "num_hidden_layers"]
+
+
+def _float_plan(folder: Path):
+    from swan_serve.quant.allocate import uniform_plan
+    from swan_serve.quant.mlx_names import build_name_map, checkpoint_shapes
+    from swan_serve.quant.plan import Decision
+
+    ckpt = open_checkpoint(folder)
+    plan = uniform_plan(build_name_map(ckpt.config, checkpoint_shapes(ckpt)), 8, 32)
+    decisions = {m: Decision(module=m, params=d.params, in_dim=d.in_dim)
+                 for m, d in plan.decisions.items()}
+    return plan.model_copy(update={"decisions": decisions})
+
+
+@pytest.mark.parametrize(("arch", "overrides"), [
+    ("llama", None), ("qwen3_moe", None),
+    ("qwen3_5_moe", {"linear_num_key_heads": 2, "linear_num_value_heads": 8}),
+])
+def test_converted_from_gguf_predicts_exactly_like_the_hf_original(arch, overrides,
+                                                                    tiny_checkpoint, tmp_path):
+    """An all-float conversion of the GGUF gives the HF model's logits through mlx_lm."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten, tree_unflatten
+
+    from swan_serve.quant.convert import convert
+    from swan_serve.quant.evaluate import load_model
+
+    hf_dir = tiny_checkpoint(arch, tokenizer="small", overrides=overrides)
+    folder, _ = prepare_source(write_gguf(hf_dir, tmp_path / "m.gguf"), tmp_path / "src")
+    convert(folder, tmp_path / "out", _float_plan(folder), progress=False)
+    ref, tok = load_model(hf_dir)
+    ours, our_tok = load_model(tmp_path / "out")
+    text = "def add(a, b):\n    return a + b\n<|im_start|>user\nhi<|im_end|>\n"
+    ids = tok.encode(text)
+    assert our_tok.encode(text) == ids
+    x = mx.array([ids[:48]])
+    if arch != "qwen3_5_moe":
+        np.testing.assert_array_equal(np.array(ours(x)), np.array(ref(x)))
+        return
+    # mlx_lm's sanitize adds Qwen3.5's +1 to bf16 norms in bf16 (rounding to 1/256);
+    # llama.cpp added it in float32, which the GGUF keeps: give the reference the
+    # exact norms, and the A_log the GGUF gives back (within 2^-23, tested above:
+    # float32 exp is many-to-one); every other parameter is the reference's own.
+    hf, gg = open_checkpoint(hf_dir), open_checkpoint(folder)
+    exact = {}
+    for key, _ in tree_flatten(ref.parameters()):
+        hf_name = key.replace("language_model.model.", "model.language_model.")
+        if key.endswith("norm.weight") and "linear_attn" not in key:
+            exact[key] = mx.array(hf.read(hf_name) + np.float32(1))
+        if key.endswith("A_log"):
+            exact[key] = mx.array(gg.read(hf_name))
+    ref.update(tree_unflatten(list(exact.items())))
+    np.testing.assert_array_equal(np.array(ours(x)), np.array(ref(x)))
