@@ -26,7 +26,7 @@ import tempfile
 from pathlib import Path
 
 from .gguf_file import SPLIT_NAME, GGUFError
-from .gguf_source import GGUFCheckpoint, open_gguf_checkpoint
+from .gguf_source import GGUFCheckpoint, check_against_model, open_gguf_checkpoint
 from .gguf_tokenizer import build_tokenizer_files, eos_token_ids
 
 POINTER = ".gguf_source.json"
@@ -138,6 +138,7 @@ def prepare_source(first: Path, sidecar_root: Path, tokenizer: str | None = None
         ckpt = open_gguf_checkpoint(first)
     except CheckpointError as exc:
         raise GGUFError(str(exc)) from None
+    check_against_model(ckpt)
     tok_folder = tokenizer_dir(tokenizer) if tokenizer else None
     revision = "gguf-" + hashlib.sha256(
         f"{ckpt.fingerprint()}/{_tokenizer_identity(tok_folder)}/{FORMAT}".encode()

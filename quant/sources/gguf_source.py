@@ -318,3 +318,62 @@ def open_gguf_checkpoint(gguf_path: str | Path, root: Path | None = None) -> GGU
         raise CheckpointError(str(exc)) from None
     root = root if root is not None else Path(gguf_path).expanduser().resolve().parent
     return GGUFCheckpoint(root, model, config, builder.views)
+
+
+def check_against_model(ckpt: GGUFCheckpoint) -> None:
+    """Every tensor mlx_lm's model needs is there, in the shape the metadata implies.
+
+    The model is built from the config lazily and sanitize runs on lazy zeros of
+    the HF shapes: shapes only, nothing is computed or allocated."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    from ..mlx_names import NameMapError, build_model
+
+    try:
+        model = build_model(ckpt.config)
+    except NameMapError as exc:
+        raise GGUFError(f"{ckpt.model.files[0].name}: {exc}") from None
+    expected = {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())}
+    lazy = {t.name: mx.zeros(t.shape, dtype=mx.float16) for t in ckpt.tensors}
+    try:
+        got = {k: tuple(v.shape) for k, v in model.sanitize(lazy).items()}
+    except (ValueError, IndexError) as exc:
+        raise GGUFError(f"{ckpt.model.files[0].name}: tensor shapes contradict the "
+                        f"metadata ({exc})") from None
+    arch = ckpt.model.arch
+    for key, shape in sorted(expected.items()):
+        if key not in got:
+            raise GGUFError(f"{ckpt.model.files[0].name}: tensor "
+                            f"{_gguf_name_for(arch, key)} is missing")
+        if got[key] != shape:
+            name = _gguf_name_for(arch, key)
+            tensor = ckpt.model.tensors.get(name)
+            where = tensor.file.name if tensor else ckpt.model.files[0].name
+            raise GGUFError(f"{where}: tensor {name} has the wrong shape for the metadata "
+                            f"(mlx_lm's {key} would be {list(got[key])}, the config "
+                            f"implies {list(shape)})")
+
+
+def _gguf_name_for(arch: str, mlx_key: str) -> str:
+    """Best guess of the GGUF tensor behind an mlx_lm parameter, for error messages."""
+    import re
+
+    from .gguf_names import to_gguf
+
+    hf = mlx_key.replace("language_model.model.", "model.language_model.")
+    hf = hf.replace("language_model.lm_head", "lm_head")
+    match = re.match(r"(.*)\.switch_mlp\.(\w+)\.weight$", hf)
+    if match:
+        prefix, proj = match.groups()
+        if arch in ("qwen35", "qwen35moe"):
+            hf = f"{prefix}.experts.{'down_proj' if proj == 'down_proj' else 'gate_up_proj'}"
+        else:
+            hf = f"{prefix}.experts.0.{proj}.weight"
+    try:
+        name = to_gguf(arch, hf)
+    except KeyError:
+        return mlx_key
+    if arch in ("qwen35", "qwen35moe") and match and "up_proj" in match.group(2):
+        name = name.replace("ffn_gate_exps", "ffn_up_exps")
+    return name
