@@ -152,3 +152,13 @@ def test_converted_from_gguf_predicts_exactly_like_the_hf_original(arch, overrid
             exact[key] = mx.array(gg.read(hf_name))
     ref.update(tree_unflatten(list(exact.items())))
     np.testing.assert_array_equal(np.array(ours(x)), np.array(ref(x)))
+
+
+def test_tokenizer_option_takes_the_original_files(tiny_checkpoint, tmp_path):
+    hf_dir = tiny_checkpoint("qwen3", tokenizer="small")
+    gguf_path = write_gguf(hf_dir, tmp_path / "m.gguf")
+    rebuilt, rev = prepare_source(gguf_path, tmp_path / "sources")
+    given, rev_given = prepare_source(gguf_path, tmp_path / "sources", tokenizer=str(hf_dir))
+    assert rev != rev_given  # the cache key sees where the tokenizer came from
+    assert (given / "tokenizer.json").read_bytes() == (hf_dir / "tokenizer.json").read_bytes()
+    assert (rebuilt / "tokenizer.json").read_bytes() != (hf_dir / "tokenizer.json").read_bytes()
