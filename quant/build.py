@@ -70,7 +70,8 @@ class PreparedBuild:
 
         def build(tmp: Path) -> None:
             say(f"building {self.model}: analyze, allocate, convert, verify")
-            quantize_model(source, tmp, recipe=recipe, target_bpw=options.target_bpw,
+            chosen = "keep" if options.recipe == "keep" else recipe
+            quantize_model(source, tmp, recipe=chosen, target_bpw=options.target_bpw,
                            analysis_config=options.analysis_config, on_progress=on_progress)
 
         info = {"model": self.model, "revision": self.resolved.revision, **self.identity}
@@ -94,9 +95,10 @@ def prepare_build(model: str, options: BuildOptions | None = None) -> PreparedBu
         return PreparedBuild(model, resolved, options, ready=resolved.path)
     check_buildable(resolved.path)
     recipe = _load_recipe(options.recipe)
+    keep = options.recipe == "keep"
     identity = {
-        "recipe": recipe.model_dump(mode="json"),
-        "target_bpw": options.target_bpw,
+        "recipe": "keep" if keep else recipe.model_dump(mode="json"),
+        "target_bpw": None if keep else options.target_bpw,
         "analysis_config": options.analysis_config,
     }
     key = entry_key(resolved.source, resolved.revision, identity)
@@ -138,6 +140,8 @@ def quantize_model(
     from .mlx_names import build_name_map, checkpoint_shapes, tied_embeddings
     from .scoring import load_config
 
+    if recipe == "keep":  # a GGUF's own grid carried over: no analysis, no budget
+        return _keep_model(model_dir, out_dir, force, progress, on_progress)
     recipe = recipe if isinstance(recipe, Recipe) else _load_recipe(recipe)
     if manifest_path is not None:
         manifest = Manifest.load(manifest_path)
@@ -158,6 +162,23 @@ def quantize_model(
     finally:
         if staged_manifest is not None:
             staged_manifest.unlink(missing_ok=True)
+    verify_generates(out_dir)
+    return result
+
+
+def _keep_model(model_dir: Path, out_dir: Path, force: bool, progress: bool,
+                on_progress: ProgressCallback | None):
+    from .convert import convert
+    from .mlx_names import build_name_map, checkpoint_shapes
+    from .sources.gguf_keep import keep_plan
+    from .sources.gguf_source import GGUFCheckpoint
+
+    ckpt = open_checkpoint(model_dir)
+    if not isinstance(ckpt, GGUFCheckpoint):
+        raise BuildError("--recipe keep needs a GGUF model (it keeps the GGUF's own grid)")
+    plan = keep_plan(ckpt, build_name_map(ckpt.config, checkpoint_shapes(ckpt)))
+    result = convert(model_dir, out_dir, plan, force=force, progress=progress,
+                     on_progress=on_progress)
     verify_generates(out_dir)
     return result
 
@@ -221,6 +242,9 @@ def _mlx_lm_supports(config: dict) -> bool:
 
 def _load_recipe(name: str) -> Recipe:
     from .recipe import RecipeError
+
+    if name == "keep":  # GGUF only; its plan comes from the source (gguf_keep.py)
+        name = DEFAULT_RECIPE
 
     try:
         return load_recipe(name)

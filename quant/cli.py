@@ -116,7 +116,8 @@ def add_convert(sub: argparse._SubParsersAction) -> None:
                    help="bits per weight, scales/biases and float tensors counted "
                         "(budget recipe; default 4.5)")
     p.add_argument("--recipe", default="budget",
-                   help="budget | swan-thresholds | uniform-4bit | mixed-4-6 | a TOML file")
+                   help="budget | swan-thresholds | uniform-4bit | mixed-4-6 | a TOML file | "
+                        "keep (GGUF: carry its own grid over)")
     p.add_argument("--manifest", type=Path, default=None, help="use this manifest, do not analyse")
     p.add_argument("--config", default=None, help="analysis preset or TOML (swan-default)")
     p.add_argument("--force", action="store_true", help="replace a non-empty output directory")
@@ -136,7 +137,9 @@ def run_convert(args: argparse.Namespace) -> int:
     if out.is_dir() and any(out.iterdir()) and not args.force:  # before minutes of analysis
         raise CommandError(f"{out} is not empty; pass --force to replace it")
     try:
-        recipe = load_recipe(args.recipe)
+        recipe = "keep" if args.recipe == "keep" else load_recipe(args.recipe)
+        if args.target_bpw is not None and recipe == "keep":
+            raise CommandError("--recipe keep keeps the GGUF's own bits; drop --target-bpw")
         if args.target_bpw is not None and recipe.mode != "budget":
             raise CommandError(f"--target-bpw needs a budget recipe; {recipe.name} is "
                                f"{recipe.mode}")

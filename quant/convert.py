@@ -50,6 +50,7 @@ from .safetensors_out import (
     write_index,
 )
 from .sources.checkpoint import Checkpoint, open_checkpoint
+from .sources.gguf_keep import exact_groups, kept_scale_dtype
 
 MANIFEST_FILE = "swan-manifest.json"
 _BLOCK_ELEMENTS = 1 << 22  # weights read and fitted at once (16 MB of float32)
@@ -174,7 +175,8 @@ class _Writer:
         for t in self.name_map.tensors:
             if t.quantizable and self.plan.decisions[t.module].quantized:
                 d = self.plan.decisions[t.module]
-                dtype = DTYPE_OF_NAME[storage_dtype(self.ckpt, t)]
+                dtype = DTYPE_OF_NAME[kept_scale_dtype(self.ckpt, t, d)
+                                      or storage_dtype(self.ckpt, t)]
                 lead, in_dim = t.shape[:-1], t.shape[-1]
                 out.append((t, [
                     OutTensor(f"{t.module}.weight", "U32", (*lead, in_dim * d.bits // 32)),
@@ -255,7 +257,11 @@ class _Writer:
         scale_dtype = storage_dtype(self.ckpt, t)
         store = DTYPE_OF_NAME[scale_dtype]
         w = read_slot_rows(self.ckpt, t.slots[slot], r0, r1)
-        if self.method == "fit":
+        kept = exact_groups(self.ckpt, t, slot, r0, r1, d)  # --recipe keep on GGUF
+        if kept is not None:
+            codes, scales, biases, scale_dtype = kept
+            store = DTYPE_OF_NAME[scale_dtype]
+        elif self.method == "fit":
             codes, scales, biases = fit.fit(w, d.bits, d.group_size, scale_dtype, self.fit_options)
         else:
             codes, scales, biases = affine.quantize(w, d.bits, d.group_size, scale_dtype)

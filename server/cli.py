@@ -90,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="bits per weight the quantizer aims at, scales and biases counted (default: 4.5)")
     add("--recipe", default="budget",
         help="allocation recipe: a name from configs/ (budget, swan-thresholds, "
-        "uniform-4bit, mixed-4-6) or a TOML file (default: budget)")
+        "uniform-4bit, mixed-4-6), a TOML file, or keep (GGUF MODEL: carry its own "
+        "quantization grid over where MLX represents it exactly) (default: budget)")
     add("--cache-dir", type=Path,
         help="where quantized builds are kept (default: $SWAN_SERVE_CACHE or "
         "~/.cache/swan-serve)")
