@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 
 import pytest
@@ -66,3 +68,44 @@ def test_unknown_pre_tokenizer_asks_for_tokenizer(shared_models_dir, tmp_path):
     model = open_gguf(_write_vocab_gguf(original, tmp_path / "v.gguf", pre="deepseek-v3"))
     with pytest.raises(TokenizerRebuildError, match="--tokenizer"):
         build_tokenizer_files(model)
+
+
+def _write_sentencepiece_gguf(tokenizer_dir: Path, path: Path) -> Path:
+    """tokenizer.ggml.* as llama.cpp writes a SentencePiece BPE vocabulary: pieces by id,
+    scores (a BPE model's score is minus the piece's merge rank) and token types."""
+    data = json.loads((tokenizer_dir / "tokenizer.json").read_text())
+    vocab = data["model"]["vocab"]
+    tokens = [tok for tok, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
+    special = {t["content"] for t in data["added_tokens"] if t["special"]}
+    types = [gguf.TokenType.UNKNOWN if tok == "<unk>" else gguf.TokenType.CONTROL
+             if tok in special else gguf.TokenType.BYTE if re.fullmatch(r"<0x[0-9A-F]{2}>", tok)
+             else gguf.TokenType.NORMAL for tok in tokens]
+    writer = gguf.GGUFWriter(path, "llama")
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(tokens)
+    writer.add_token_scores([-float(i) for i in range(len(tokens))])
+    writer.add_token_types(types)
+    writer.add_bos_token_id(vocab["<s>"])
+    writer.add_eos_token_id(vocab["</s>"])
+    writer.add_unk_token_id(vocab["<unk>"])
+    writer.add_add_bos_token(True)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_rebuilt_sentencepiece_tokenizer_encodes_like_the_original(shared_models_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    original = shared_models_dir / "stories260K"
+    model = open_gguf(_write_sentencepiece_gguf(original, tmp_path / "sp.gguf"))
+    out = tmp_path / "rebuilt"
+    out.mkdir()
+    write_tokenizer_files(model, out)
+    ref, ours = AutoTokenizer.from_pretrained(original), AutoTokenizer.from_pretrained(out)
+    for text in [*CORPUS, "Once upon a time, there was a little girl named Lily.",
+                 "She liked to play outside.  Two  spaces, trailing space "]:
+        assert ours.encode(text) == ref.encode(text), text
+        assert ours.decode(ref.encode(text)) == ref.decode(ref.encode(text))

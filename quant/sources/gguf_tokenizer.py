@@ -71,8 +71,11 @@ def build_tokenizer_files(model: GGUFModel) -> dict[str, dict]:
     kind = _meta(model, "model")
     if kind is None:
         raise _refuse(model, "it has no tokenizer.ggml.model")
+    if kind == "llama":
+        return _sentencepiece_files(model)
     if kind != "gpt2":
-        raise _refuse(model, f"tokenizer.ggml.model {kind!r} is not a byte-level BPE")
+        raise _refuse(model, f"tokenizer.ggml.model {kind!r} is neither byte-level BPE (gpt2) "
+                      "nor SentencePiece (llama)")
     pre = _meta(model, "pre", "default")
     if pre not in PRE_TOKENIZERS:
         raise _refuse(model, f"pre-tokenizer {pre!r} is not one we rebuild "
@@ -122,6 +125,73 @@ def build_tokenizer_files(model: GGUFModel) -> dict[str, dict]:
         "clean_up_tokenization_spaces": False,
         "model_max_length": 131072,
         "tokenizer_class": "PreTrainedTokenizerFast",
+    }
+    template = model.metadata.get("tokenizer.chat_template")
+    if template:
+        config["chat_template"] = template
+    return {"tokenizer.json": tokenizer, "tokenizer_config.json": config}
+
+
+def _sentencepiece_merges(vocab: dict[str, int], scores: list[float]) -> list[list[str]]:
+    """BPE merges of a SentencePiece vocabulary, as Hugging Face's LlamaConverter makes
+    them: every split of a piece into two pieces of the vocabulary, ordered by the
+    merged piece's score (highest first), ties by the pieces' ids."""
+    merges = []
+    for piece, index in sorted(vocab.items(), key=lambda kv: kv[1]):
+        local = [(piece[:i], piece[i:]) for i in range(1, len(piece))
+                 if piece[:i] in vocab and piece[i:] in vocab]
+        local.sort(key=lambda lr: (vocab[lr[0]], vocab[lr[1]]))
+        merges.extend((left, right, scores[index]) for left, right in local)
+    merges.sort(key=lambda m: m[2], reverse=True)  # stable: keeps the id order of ties
+    return [[left, right] for left, right, _ in merges]
+
+
+def _sentencepiece_files(model: GGUFModel) -> dict[str, dict]:
+    """A SentencePiece BPE vocabulary (llama, mistral) as the byte-fallback BPE
+    tokenizer.json Hugging Face's LlamaTokenizerFast uses."""
+    tokens, scores = _meta(model, "tokens"), _meta(model, "scores")
+    types = _meta(model, "token_type")
+    if not tokens or not scores or not types or not len(tokens) == len(scores) == len(types):
+        raise _refuse(model, "its SentencePiece tokens, scores or types are missing")
+    normal = [s for s, t in zip(scores, types, strict=True) if t == NORMAL]
+    if len(set(normal)) < max(2, len(normal) // 2):
+        raise _refuse(model, "its SentencePiece scores do not order the merges")
+    vocab = {tok: i for i, tok in enumerate(tokens)}
+    added = [{"id": i, "content": tok, "single_word": False, "lstrip": False, "rstrip": False,
+              "normalized": False, "special": t != USER_DEFINED}
+             for i, (tok, t) in enumerate(zip(tokens, types, strict=True))
+             if t in (CONTROL, USER_DEFINED, UNKNOWN)]
+    add_bos = bool(_meta(model, "add_bos_token", True))
+    bos, unk = _token(model, tokens, "bos_token_id"), _token(model, tokens, "unknown_token_id")
+    if _meta(model, "add_space_prefix", True) is False:
+        raise _refuse(model, "a SentencePiece vocabulary without the space prefix")
+    tokenizer = {
+        "version": "1.0", "truncation": None, "padding": None,
+        "added_tokens": added,
+        "normalizer": {"type": "Sequence", "normalizers": [
+            {"type": "Prepend", "prepend": "\u2581"},
+            {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}]},
+        "pre_tokenizer": None,
+        "post_processor": _post_processor(add_bos, bos, vocab) if add_bos else None,
+        "decoder": {"type": "Sequence", "decoders": [
+            {"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "},
+            {"type": "ByteFallback"}, {"type": "Fuse"},
+            {"type": "Strip", "content": " ", "start": 1, "stop": 0}]},
+        "model": {
+            "type": "BPE", "dropout": None, "unk_token": unk,
+            "continuing_subword_prefix": None, "end_of_word_suffix": None,
+            "fuse_unk": True, "byte_fallback": True, "ignore_merges": False,
+            "vocab": vocab, "merges": _sentencepiece_merges(vocab, scores),
+        },
+    }
+    config = {
+        "add_bos_token": add_bos, "add_eos_token": False,
+        "added_tokens_decoder": {str(a["id"]): {k: v for k, v in a.items() if k != "id"}
+                                 for a in added},
+        "bos_token": bos, "eos_token": _token(model, tokens, "eos_token_id"),
+        "unk_token": unk, "pad_token": _token(model, tokens, "padding_token_id"),
+        "clean_up_tokenization_spaces": False, "legacy": True,
+        "model_max_length": 131072, "tokenizer_class": "PreTrainedTokenizerFast",
     }
     template = model.metadata.get("tokenizer.chat_template")
     if template:
