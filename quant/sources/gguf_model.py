@@ -62,7 +62,9 @@ def wants_gguf(model: str, gguf_file: str | None) -> bool:
 
 def pick_first_shard(folder: Path, pattern: str | None) -> Path:
     """The one GGUF model in `folder` (matching `pattern`): its file or first shard."""
-    files = sorted(p for p in folder.rglob("*.gguf") if p.is_file())
+    # Vision projectors and importance matrices ship beside the weights in GGUF too.
+    files = sorted(p for p in folder.rglob("*.gguf") if p.is_file()
+                   and not p.name.lower().startswith(("mmproj", "imatrix")))
     if pattern:
         pat = pattern if any(c in pattern for c in "*?[") else f"*{pattern}*"
         files = [p for p in files if fnmatch.fnmatch(str(p.relative_to(folder)), pat)]
