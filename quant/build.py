@@ -226,8 +226,10 @@ def estimated_build_bytes(resolved: ResolvedModel, target_bpw: float | None) -> 
     manifest), from the source's safetensors sizes and the bits-per-weight target."""
     from .sources.gguf_model import source_bytes as gguf_bytes
 
+    gguf = gguf_bytes(resolved.path)
+    if gguf:  # already quantized, at an unknown bpw: allow twice its size
+        return 2 * gguf + 64 * 2**20
     source_bytes = sum(p.stat().st_size for p in resolved.path.glob("*.safetensors"))
-    source_bytes += gguf_bytes(resolved.path)
     bpw = target_bpw or 8.0
     return int(source_bytes * min(1.0, bpw / 16.0) * 1.15) + 64 * 2**20
 

@@ -44,11 +44,12 @@ def prepare_model(args: argparse.Namespace) -> tuple[Path | None, ModelProvider 
     Local directories are resolved and checked here, before the server listens, so a bad
     model fails at once; a hub id is downloaded by the provider (it may take a while).
     """
+    from swan_serve.quant.sources.gguf_model import wants_gguf
     from swan_serve.quant.sources.resolve import looks_like_repo_id, resolve_model
 
     model = args.model or str(DEMO_MODEL_DIR)
     if args.no_quantize:
-        if args.gguf_file or model.endswith(".gguf"):
+        if wants_gguf(model, args.gguf_file):
             raise ResolveError("--no-quantize serves safetensors as they are; GGUF weights "
                                "are converted (try --recipe keep to keep their own grid)")
         return resolve_model(model, args.revision).path, None

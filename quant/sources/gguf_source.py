@@ -121,8 +121,7 @@ class GGUFCheckpoint(Checkpoint):
         if view.info.ndim < 1:
             raise ValueError(f"{name} is a scalar; it has no rows")
         if view.info.ndim == 1:
-            return self.read(name)[self._index(view, rows) if not isinstance(rows, slice)
-                                   else rows]
+            return self.read(name)[rows if isinstance(rows, slice) else np.asarray(rows)]
         return self._rows(view, None, self._index(view, rows))
 
     def read_expert(self, name: str, expert: int) -> np.ndarray:
