@@ -72,3 +72,20 @@ def test_keep_copies_the_gguf_grid_exactly(arch, overrides, tiny_checkpoint, tmp
             rel = np.linalg.norm(w - want) / np.linalg.norm(want)
             assert rel < 0.01, (t.module, rel)
     assert exact >= 5
+
+
+def test_swan_serve_build_with_keep_goes_to_the_cache(tiny_checkpoint, tmp_path):
+    from swan_serve.quant.build import BuildOptions, resolve_or_build
+
+    hf = tiny_checkpoint("qwen3", tokenizer="small")
+    gguf_path = write_gguf(hf, tmp_path / "m.gguf", qtype="Q8_0")
+    options = BuildOptions(recipe="keep", cache_dir=tmp_path / "cache")
+    served = resolve_or_build(str(gguf_path), options, log=lambda _: None)
+    plan = json.loads((served / "swan-plan.json").read_text())
+    assert plan["recipe"] == "keep" and plan["settings"] == {"8b/g32": plan["total_params"]
+                                                             - plan["float_params"]}
+    again = resolve_or_build(str(gguf_path), options, log=lambda _: None)
+    assert again == served
+    budget = resolve_or_build(str(gguf_path), BuildOptions(cache_dir=tmp_path / "cache"),
+                              log=lambda _: None)
+    assert budget != served  # the recipe is part of the cache key
