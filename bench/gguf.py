@@ -25,6 +25,10 @@ import sys
 import time
 from pathlib import Path
 
+# This file is named gguf.py: run as a script, its folder comes first on sys.path and
+# would shadow the `gguf` package that writes the fixture GGUF.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).parent.resolve()]
+
 NEEDED_GB = 45  # 16.4 safetensors + 16.4 GGUF + two converted outputs, with slack
 
 CHILD = r"""
