@@ -1,18 +1,22 @@
-"""Converting from GGUF against converting from safetensors: wall time and peak RSS.
+"""Reading from GGUF against reading from safetensors: wall time and peak RSS.
 
 The full-shape Qwen3-8B fixture (16.4 GB of bf16 safetensors, the fixture factory)
 is also written as a BF16 GGUF split in 4 shards, straight from the same bytes
-(llama.cpp's layout: same tensors, F32 norms). Each source is then converted in a
-child process of its own, one after the other, with the same plan, and the table
-gives each child's wall time and peak RSS (ru_maxrss from wait4). Target: the GGUF
-route streams like the safetensors one, peak RSS under 1 GB.
+(llama.cpp's layout: same tensors, F32 norms). Each source then goes through the
+converter's own reading path in a child process of its own, one after the other:
+every quantizable weight streamed row block by row block exactly as convert.py
+reads it (read_slot_rows over mlx_lm's name map), and every float tensor as
+mlx_lm's sanitize makes it. The table gives each child's wall time and peak RSS
+(ru_maxrss from wait4) and a checksum of everything read (the two must agree).
+Target: the GGUF route streams like the safetensors one, peak RSS under 1 GB.
 
-The plan is uniform 4-bit g64 with round-to-nearest by default (the reading path
-is what differs between the two routes; analysis and fitting are the same code on
-the same numbers); --full runs the whole analyze -> allocate -> convert pipeline.
-Writes ~33 GB of temp files under --dir (checks free space first) and deletes them.
+The read path is what differs between the two routes; fitting and writing are the
+same code on the same numbers. `--convert` runs a whole conversion instead (uniform
+4-bit g64, round-to-nearest) and `--full` the analyze -> allocate -> convert pipeline:
+both take far longer on a shared 2-core machine. Writes ~33 GB of temp files under
+--dir (checks free space first) and deletes them unless --keep-files.
 
-    python bench/gguf.py [--dir /tmp/swan-bench-gguf] [--full] [--keep-files]
+    python bench/gguf.py [--dir /tmp/swan-bench-gguf] [--convert | --full] [--keep-files]
 """
 
 from __future__ import annotations
@@ -34,31 +38,47 @@ NEEDED_GB = 45  # 16.4 safetensors + 16.4 GGUF + two converted outputs, with sla
 CHILD = r"""
 import sys, time
 from pathlib import Path
-from swan_serve.quant.allocate import uniform_plan
-from swan_serve.quant.build import quantize_model
-from swan_serve.quant.convert import convert
-from swan_serve.quant.mlx_names import build_name_map, checkpoint_shapes
-from swan_serve.quant.sources.checkpoint import open_checkpoint
-source, out, full = sys.argv[1], Path(sys.argv[2]), sys.argv[3] == "1"
+import numpy as np
+source, out, mode = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
 start = time.perf_counter()
 if source.endswith(".gguf"):
     from swan_serve.quant.sources.gguf_model import prepare_source
     source, _ = prepare_source(Path(source), out.parent / "gguf-sources")
 print(f"opened in {time.perf_counter() - start:.1f} s", flush=True)
-if full:
+if mode == "full":
+    from swan_serve.quant.build import quantize_model
     quantize_model(Path(source), out, target_bpw=4.5, force=True)
-else:
-    ckpt = open_checkpoint(source)
-    plan = uniform_plan(build_name_map(ckpt.config, checkpoint_shapes(ckpt)), 4, 64)
-    convert(source, out, plan, method="rtn", force=True)
+    sys.exit()
+from swan_serve.quant.allocate import uniform_plan
+from swan_serve.quant.convert import _BLOCK_ELEMENTS, convert
+from swan_serve.quant.mlx_names import (build_model, build_name_map, checkpoint_shapes,
+                                        float_tensors, read_slot_rows)
+from swan_serve.quant.sources.checkpoint import open_checkpoint
+ckpt = open_checkpoint(source)
+model = build_model(ckpt.config)
+name_map = build_name_map(ckpt.config, checkpoint_shapes(ckpt), model)
+if mode == "convert":
+    convert(source, out, uniform_plan(name_map, 4, 64), method="rtn", force=True)
+    sys.exit()
+total = 0.0
+for t in name_map.quantizable():
+    rows, step = t.shape[-2], max(1, _BLOCK_ELEMENTS // t.shape[-1])
+    for slot in t.slots:
+        for r0 in range(0, rows, step):
+            total += float(read_slot_rows(ckpt, slot, r0, min(rows, r0 + step)).sum(
+                dtype=np.float64))
+import mlx.core as mx
+for array in float_tensors(ckpt, name_map, model).values():
+    total += float(array.astype(mx.float32).sum().item())
+print(f"checksum {total!r}", flush=True)
 """
 
 
-def run_child(source: Path, out: Path, full: bool) -> tuple[float, float, str]:
-    """(wall s, peak RSS GB, last output line) of one conversion in a child process."""
+def run_child(source: Path, out: Path, mode: str) -> tuple[float, float, str, str]:
+    """(wall s, peak RSS GB, opening time, checksum) of one run in a child process."""
     start = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-c", CHILD, str(source), str(out),
-                             "1" if full else "0"], stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-c", CHILD, str(source), str(out), mode],
+                            stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     lines = []
     assert proc.stdout is not None
@@ -71,12 +91,14 @@ def run_child(source: Path, out: Path, full: bool) -> tuple[float, float, str]:
         raise SystemExit(f"conversion of {source} failed:\n" + "\n".join(lines[-20:]))
     scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: KiB on Linux
     opened = next((line for line in lines if line.startswith("opened in")), "")
-    return wall, usage.ru_maxrss * scale / 1e9, opened
+    checksum = next((line for line in lines if line.startswith("checksum")), "")
+    return wall, usage.ru_maxrss * scale / 1e9, opened, checksum.removeprefix("checksum ")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dir", type=Path, default=Path("/tmp/swan-bench-gguf"))
+    parser.add_argument("--convert", action="store_true", help="uniform 4-bit RTN conversion")
     parser.add_argument("--full", action="store_true", help="analyze + budget 4.5 bpw + fit")
     parser.add_argument("--keep-files", action="store_true", help="do not delete the fixtures")
     args = parser.parse_args(argv)
@@ -108,24 +130,27 @@ def main(argv: list[str] | None = None) -> int:
             "GGUF, 4 shards": sum(p.stat().st_size for p in gguf_dir.glob("*.gguf")),
         }
         rows = []
+        mode = "full" if args.full else "convert" if args.convert else "read"
         for label, source in (("safetensors", st_dir), ("GGUF, 4 shards", first)):
             out = args.dir / f"out-{label.split(',')[0].lower()}" / "model"
-            print(f"converting {label} ...", flush=True)
-            wall, peak, opened = run_child(source, out, args.full)
-            rows.append((label, sizes[label] / 1e9, wall, peak, opened))
+            print(f"{mode} {label} ...", flush=True)
+            wall, peak, opened, checksum = run_child(source, out, mode)
+            rows.append((label, sizes[label] / 1e9, wall, peak, opened, checksum))
             shutil.rmtree(out.parent, ignore_errors=True)
     finally:
         if not args.keep_files:
             shutil.rmtree(args.dir, ignore_errors=True)
-    plan = "analyze + budget 4.5 bpw + fit" if args.full else "uniform 4-bit g64, round-to-nearest"
-    print(f"\nQwen3-8B full shape, bf16; plan: {plan}; one run each, same machine")
-    print(f"| {'source':15s} | {'GB':>5s} | {'wall s':>7s} | {'peak RSS GB':>11s} | opening |")
-    print(f"|{'-' * 17}|{'-' * 7}|{'-' * 9}|{'-' * 13}|---------|")
-    for label, gb, wall, peak, opened in rows:
+    what = {"full": "analyze + budget 4.5 bpw + fit + write",
+            "convert": "uniform 4-bit g64 round-to-nearest conversion",
+            "read": "every weight read as convert.py reads it"}[mode]
+    print(f"\nQwen3-8B full shape, bf16; {what}; one run each, same machine")
+    print(f"| {'source':15s} | {'GB':>5s} | {'wall s':>7s} | {'peak RSS GB':>11s} | "
+          f"{'opening':>7s} | checksum |")
+    print(f"|{'-' * 17}|{'-' * 7}|{'-' * 9}|{'-' * 13}|{'-' * 9}|----------|")
+    for label, gb, wall, peak, opened, checksum in rows:
         print(f"| {label:15s} | {gb:5.1f} | {wall:7.1f} | {peak:11.2f} | "
-              f"{opened.removeprefix('opened in ')} |")
-    ratio = rows[1][2] / rows[0][2]
-    print(f"GGUF / safetensors wall time: {ratio:.2f}x")
+              f"{opened.removeprefix('opened in '):>7s} | {checksum} |")
+    print(f"GGUF / safetensors wall time: {rows[1][2] / rows[0][2]:.2f}x")
     return 0
 
 
