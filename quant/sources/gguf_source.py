@@ -81,18 +81,28 @@ class GGUFCheckpoint(Checkpoint):
 
     def _rows(self, view: View, slot: int | None, rows: np.ndarray) -> np.ndarray:
         src = view.row_perm[rows] if view.row_perm is not None else rows
+        if len(view.segments) == 1:  # the common case: no gather, no copy
+            seg = view.segments[0]
+            first = seg.start + (slot or 0) * view.slot_rows
+            return self._finish(view, self.model.read_rows(seg.tensor, _as_slice(src),
+                                                           first_row=first))
         out = None
         base = 0
         for seg in view.segments:
             mask = (src >= base) & (src < base + seg.rows)
             if mask.any():
                 first = seg.start + (slot or 0) * view.slot_rows
-                part = self.model.read_rows(seg.tensor, src[mask] - base, first_row=first)
+                part = self.model.read_rows(seg.tensor, _as_slice(src[mask] - base),
+                                            first_row=first)
                 if out is None:
                     out = np.empty((len(src), part.shape[1]), dtype=np.float32)
                 out[mask] = part
             base += seg.rows
         assert out is not None
+        return self._finish(view, out)
+
+    @staticmethod
+    def _finish(view: View, out: np.ndarray) -> np.ndarray:
         if view.col_perm is not None:
             out = out[:, view.col_perm]
         if view.value is not None:
@@ -150,6 +160,15 @@ class GGUFCheckpoint(Checkpoint):
             with open(path, "rb") as fh:
                 digest.update(fh.read(header))
         return digest.hexdigest()
+
+
+def _as_slice(index: np.ndarray) -> slice | np.ndarray:
+    """A run of consecutive rows as a slice: a memmap slice reads them in one sweep,
+    where an index array gathers row by row."""
+    if len(index) and index[-1] - index[0] + 1 == len(index) and (
+            len(index) == 1 or bool(np.all(np.diff(index) == 1))):
+        return slice(int(index[0]), int(index[-1]) + 1)
+    return index
 
 
 # --- building the views ---------------------------------------------------------------
