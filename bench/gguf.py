@@ -7,7 +7,8 @@ converter's own reading path in a child process of its own, one after the other:
 every quantizable weight streamed row block by row block exactly as convert.py
 reads it (read_slot_rows over mlx_lm's name map), and every float tensor as
 mlx_lm's sanitize makes it. The table gives each child's wall time and peak RSS
-(ru_maxrss from wait4) and a checksum of everything read (the two must agree).
+(the child's own VmHWM; ru_maxrss where there is no /proc) and a checksum of
+everything read (the two must agree).
 Target: the GGUF route streams like the safetensors one, peak RSS under 1 GB.
 
 The read path is what differs between the two routes; fitting and writing are the
@@ -72,12 +73,23 @@ for array in float_tensors(ckpt, name_map, model).values():
     total += float(array.astype(mx.float32).sum().item())
 print(f"checksum {total!r}", flush=True)
 """
+# The child's own high-water mark (VmHWM of its image): ru_maxrss from wait4 would also
+# count the pre-exec copy of this parent, which grows while writing the fixtures.
+PEAK = r"""
+import atexit
+from pathlib import Path
+def _peak():
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            print(f"peak_kib {line.split()[1]}", flush=True)
+atexit.register(_peak)
+"""
 
 
 def run_child(source: Path, out: Path, mode: str) -> tuple[float, float, str, str]:
     """(wall s, peak RSS GB, opening time, checksum) of one run in a child process."""
     start = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-c", CHILD, str(source), str(out), mode],
+    proc = subprocess.Popen([sys.executable, "-c", PEAK + CHILD, str(source), str(out), mode],
                             stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     lines = []
@@ -90,9 +102,13 @@ def run_child(source: Path, out: Path, mode: str) -> tuple[float, float, str, st
     if proc.returncode:
         raise SystemExit(f"conversion of {source} failed:\n" + "\n".join(lines[-20:]))
     scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: KiB on Linux
+    peak = usage.ru_maxrss * scale / 1e9
+    reported = [line for line in lines if line.startswith("peak_kib ")]
+    if reported:  # Linux: the child's own VmHWM
+        peak = int(reported[-1].split()[1]) * 1024 / 1e9
     opened = next((line for line in lines if line.startswith("opened in")), "")
     checksum = next((line for line in lines if line.startswith("checksum")), "")
-    return wall, usage.ru_maxrss * scale / 1e9, opened, checksum.removeprefix("checksum ")
+    return wall, peak, opened, checksum.removeprefix("checksum ")
 
 
 def main(argv: list[str] | None = None) -> int:
