@@ -14,8 +14,9 @@ Target: the GGUF route streams like the safetensors one, peak RSS under 1 GB.
 The read path is what differs between the two routes; fitting and writing are the
 same code on the same numbers. `--convert` runs a whole conversion instead (uniform
 4-bit g64, round-to-nearest) and `--full` the analyze -> allocate -> convert pipeline:
-both take far longer on a shared 2-core machine. Writes ~33 GB of temp files under
---dir (checks free space first) and deletes them unless --keep-files.
+both take far longer (a --convert run had not finished after 10 minutes on 2 shared
+cores). Writes ~33 GB of temp files under --dir (checks free space first) and deletes
+them unless --keep-files.
 
     python bench/gguf.py [--dir /tmp/swan-bench-gguf] [--convert | --full] [--keep-files]
 """
