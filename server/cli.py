@@ -135,16 +135,30 @@ def build_parser() -> argparse.ArgumentParser:
         "dtype on CPU devices and keeps the model dtype on GPUs (default: auto)")
     add("--prefix-cache-bytes", type=_byte_size, metavar="SIZE",
         help="memory for cached prompt prefixes (KV states), e.g. 2GiB or 512MB; 0 turns the "
-        "prefix cache off (default: a quarter of the memory free after loading the model)")
+        "prefix cache off (default: whatever the KV memory of --max-kv-bytes the running batch "
+        "leaves)")
     add("--prefix-cache-dir", type=Path, metavar="DIR",
-        help="save the prefix cache here at shutdown and read it back at start "
-        f"(or set {PREFIX_CACHE_DIR_ENV}; default: not saved)")
+        help="keep prefix-cache states evicted from memory here (one file each, crash-safe) "
+        f"and find them again after a restart (or set {PREFIX_CACHE_DIR_ENV}; default: "
+        "memory only)")
     add("--parallel", choices=["tensor", "pipeline"],
         help="under mlx.launch (several ranks): split the model by tensor (every layer "
         "across ranks) or by pipeline (layers across ranks, where mlx-lm supports it) "
         "(default: tensor)")
     add("--step-timeout", type=float, default=60.0, metavar="SECONDS",
         help="under mlx.launch: a rank silent for this long ends the group (default: 60)")
+    add("--kv-bits", type=int, choices=[4, 8],
+        help="store the attention KV cache (running batch and prefix cache) quantized to "
+        "this many bits (default: the model's float dtype)")
+    add("--kv-group-size", type=int, choices=[32, 64, 128],
+        help="quantization group of --kv-bits (default: 64, or 32 when 64 does not divide "
+        "the model's head size)")
+    add("--max-kv-bytes", type=_byte_size, metavar="SIZE",
+        help="memory for KV caches: the running batch's and the prefix cache's together; "
+        "requests beyond it wait or get 429 (default: half the memory free after loading "
+        "the model)")
+    add("--prefix-cache-disk-bytes", type=_byte_size, default=16 * 2**30, metavar="SIZE",
+        help="disk space for prefix-cache states under --prefix-cache-dir (default: 16GiB)")
     add("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     add("--access-log", action="store_true", help="log every HTTP request")
     return parser
@@ -201,6 +215,10 @@ def main(argv: list[str] | None = None) -> int:
             tool_call_parser=args.tool_call_parser,
             prefix_cache_bytes=args.prefix_cache_bytes,
             prefix_cache_dir=args.prefix_cache_dir or prefix_cache_dir_from_env(),
+            kv_bits=args.kv_bits,
+            kv_group_size=args.kv_group_size,
+            max_kv_bytes=args.max_kv_bytes,
+            prefix_cache_disk_bytes=args.prefix_cache_disk_bytes,
             log_level=args.log_level,
         )
     except MODEL_ERRORS as exc:

@@ -121,6 +121,17 @@ class ServerMetrics:
         self.prefix_cache_evictions = Counter(
             "swan_prefix_cache_evictions_total", "States evicted from the prefix cache."
         )
+        self.prefix_cache_tier_hits = Counter(
+            "swan_prefix_cache_tier_hits_total",
+            "Prompt prefix-cache hits by the tier that gave the state (memory or disk).",
+        )
+        self.prefix_cache_spills = Counter(
+            "swan_prefix_cache_spills_total", "States written to disk as memory evicted them."
+        )
+        self.prefix_cache_load_seconds = Histogram(
+            "swan_prefix_cache_load_seconds", "Time to read a state from disk (its count: "
+            "the loads).", _LATENCY_BUCKETS,
+        )
         self.prefix_lookahead_tokens = Counter(
             "swan_prefix_lookahead_tokens_total",
             "Turn-separator tokens computed ahead onto finished chat turns while idle.",
@@ -145,16 +156,20 @@ class ServerMetrics:
                   prefix_cache_entries),
         ]
 
+    def add_gauge(self, name: str, help_text: str, read: Callable[[], float]) -> None:
+        self._gauges.append(Gauge(name, help_text, read))
+
     def count_request(self, route: str, status: int) -> None:
         with self._lock:
             self.requests.inc(route=route, status=str(status))
 
-    def count_prompt(self, tokens: int, cached_tokens: int) -> None:
+    def count_prompt(self, tokens: int, cached_tokens: int, tier: str | None = None) -> None:
         with self._lock:
             self.prompt_tokens.inc(tokens)
             self.prefix_cache_queries.inc()
             if cached_tokens:
                 self.prefix_cache_hits.inc()
+                self.prefix_cache_tier_hits.inc(tier=tier or "memory")
                 self.prefix_cache_hit_tokens.inc(cached_tokens)
             else:
                 self.prefix_cache_misses.inc()
@@ -162,6 +177,14 @@ class ServerMetrics:
     def count_prefix_eviction(self) -> None:
         with self._lock:
             self.prefix_cache_evictions.inc()
+
+    def count_prefix_spill(self) -> None:
+        with self._lock:
+            self.prefix_cache_spills.inc()
+
+    def prefix_load(self, seconds: float) -> None:
+        with self._lock:
+            self.prefix_cache_load_seconds.observe(seconds)
 
     def count_lookahead(self, tokens: int) -> None:
         with self._lock:
@@ -189,6 +212,7 @@ class ServerMetrics:
             self.requests, self.prompt_tokens, self.generation_tokens, self.finished,
             self.prefix_cache_queries, self.prefix_cache_hits, self.prefix_cache_misses,
             self.prefix_cache_hit_tokens, self.prefix_cache_evictions,
+            self.prefix_cache_tier_hits, self.prefix_cache_spills, self.prefix_cache_load_seconds,
             self.prefix_lookahead_tokens, self.ttft, self.tpot, self.latency,
         ]
         with self._lock:

@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 # The API key may come from the environment so that it does not show in `ps`.
 API_KEY_ENV = "SWAN_SERVE_API_KEY"
 
-# Where the prefix cache is saved at shutdown and read back at start (no flag yet).
+# Where the prefix cache keeps the states it evicts from memory (--prefix-cache-dir).
 PREFIX_CACHE_DIR_ENV = "SWAN_SERVE_PREFIX_CACHE_DIR"
 
 ComputeDtype = Literal["auto", "model", "float32", "float16", "bfloat16"]
@@ -45,11 +45,20 @@ class ServerSettings(BaseModel):
     dtype: ComputeDtype = "auto"
     # Tool-call format: "auto" (from the chat template), "none", or a format name.
     tool_call_parser: str = "auto"
-    # Bytes of KV states the prefix cache may hold; None: a quarter of the memory free once
-    # the model is loaded; 0: no prefix cache.
+    # Bytes of KV states the prefix cache may hold in memory; None: no cap of its own (the
+    # KV memory the running batch leaves, see max_kv_bytes); 0: no prefix cache.
     prefix_cache_bytes: int | None = Field(None, ge=0)
-    # None: the prefix cache lives in memory only.
+    # None: the prefix cache lives in memory only; else evicted states are kept here.
     prefix_cache_dir: Path | None = Field(default_factory=lambda: prefix_cache_dir_from_env())
+    # Attention KV of the running batch and the prefix cache stored quantized (None: float).
+    kv_bits: Literal[4, 8] | None = None
+    # Its quantization group; None: 64, or 32 when 64 does not divide the head size.
+    kv_group_size: Literal[32, 64, 128] | None = None
+    # Bytes the running batch's KV caches and the prefix cache's memory tier may use
+    # together; None: half the memory free once the model is loaded.
+    max_kv_bytes: int | None = Field(None, ge=1)
+    # Bytes the prefix cache may keep on disk under prefix_cache_dir.
+    prefix_cache_disk_bytes: int = Field(16 * 2**30, ge=0)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     @property

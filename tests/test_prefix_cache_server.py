@@ -222,8 +222,11 @@ def test_cache_is_saved_at_shutdown_and_read_at_start(tiny_checkpoint, tmp_path:
         code = server.stop()
         assert code in (0, 130, -signal.SIGINT), server.log()
         assert "terminate called" not in server.log()
-    assert list(tmp_path.glob("*/index.json"))
+    assert list(tmp_path.glob("*/*.safetensors"))
     with ServerProcess(model, "--served-model-name", MODEL, env=env) as server:
         again = complete(client_of(server), prompt, max_tokens=4)
         assert again == (first[0], len(prompt) - 1)
-        assert server.metrics()["swan_prefix_cache_entries"] > 0
+        metrics = server.metrics()
+        assert metrics["swan_prefix_cache_entries"] > 0
+        assert metrics['swan_prefix_cache_tier_hits_total{tier="disk"}'] == 1
+        assert metrics["swan_prefix_cache_load_seconds_count"] >= 1

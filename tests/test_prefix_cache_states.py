@@ -13,7 +13,6 @@ from mlx_lm.generate import BatchGenerator
 from mlx_lm.models.cache import ArraysCache, CacheList, KVCache, RotatingKVCache
 
 from swan_serve.server.engine.model_loading import load_local_model
-from swan_serve.server.prefix import prefix_store
 from swan_serve.server.prefix.kv_state import (
     detached,
     evaluate,
@@ -21,8 +20,8 @@ from swan_serve.server.prefix.kv_state import (
     state_nbytes,
     view,
 )
-from swan_serve.server.prefix.prefix_cache import PrefixCache
 from swan_serve.server.prefix.prefix_reuse import PrefixReuse, cut, first_segment_end
+from swan_serve.server.prefix.prefix_store import DiskTier, model_key
 
 
 def kv_layer(cache, tokens: int, heads: int = 2, dim: int = 8):
@@ -179,34 +178,77 @@ def test_budget_holds_under_a_random_workload(loaded) -> None:
     assert evicted and hits
 
 
-def test_saved_states_give_the_same_tokens_after_a_restart(loaded, tmp_path: Path) -> None:
+def test_spilled_states_give_the_same_tokens_after_a_restart(loaded, tmp_path: Path) -> None:
     end = 3
     system = [11, 12, 13] * 20 + [end]
     prompt = system + [50, 51, 52, end, 30]
     reuse = PrefixReuse(64 << 20, turn_ends=[end])
     expected, _ = run(loaded.model, reuse, [prompt])
     folder = tmp_path / "saved"
-    assert prefix_store.save(reuse.cache, folder) == len(reuse.cache) > 0
+    disk = DiskTier(folder, 64 << 20)
+    assert disk.scan() == (0, 0)
+    assert all(disk.spill(entry) for entry in reuse.cache.entries())
+    assert not any(disk.spill(entry) for entry in reuse.cache.entries())  # written once
+    (folder / ".cut-short.tmp.safetensors").write_bytes(b"partial")  # a write a crash cut
 
     restarted = PrefixReuse(64 << 20, turn_ends=[end])
-    assert prefix_store.load(restarted.cache, folder) == len(reuse.cache)
-    assert restarted.cache.bytes_held == reuse.cache.bytes_held
+    restarted.lower = DiskTier(folder, 64 << 20)
+    assert restarted.lower.scan() == (len(reuse.cache), 0)
     got, cached = run(loaded.model, restarted, [prompt, system + [60, end, 30]])
     assert got[0] == expected[0]
     assert cached == [len(prompt) - 1, len(system)]
-    # Saving again replaces the folder; a budget smaller than the save keeps what fits,
-    # the most recently used first.
-    prefix_store.save(restarted.cache, folder)
-    small = PrefixCache(max(e.nbytes for e in restarted.cache.entries()))
-    assert prefix_store.load(small, folder) == 1
-    assert not list(tmp_path.glob(".*"))  # no staging folders left behind
+    # A trimmable state gives the second prompt its prefix by a cut; recurrent states are
+    # kept (and read back) at each depth.
+    trimmable = all(entry.trimmable for entry in reuse.cache.entries())
+    assert restarted.lower.loads == (1 if trimmable else 2)
+    assert not list(folder.glob(".*"))
+
+
+def test_torn_entries_are_skipped_and_the_disk_budget_keeps_the_most_recent(
+        loaded, tmp_path: Path) -> None:
+    reuse = PrefixReuse(64 << 20, turn_ends=[3])
+    prompts = [[20 + i] * 30 + [7, 8] for i in range(3)]
+    run(loaded.model, reuse, prompts)
+    disk = DiskTier(tmp_path, 64 << 20)
+    disk.scan()
+    for entry in reuse.cache.entries():
+        disk.spill(entry)
+    files = sorted(tmp_path.glob("*.safetensors"), key=lambda p: p.stat().st_mtime_ns)
+    assert len(files) == len(reuse.cache) >= 3
+    whole = files[-1].read_bytes()
+    files[0].write_bytes(whole[: len(whole) // 2])  # torn by something outside the server
+    assert DiskTier(tmp_path, 64 << 20).scan() == (len(files) - 1, 1)
+    assert not files[0].exists()
+    one = DiskTier(tmp_path, files[-1].stat().st_size)
+    assert one.scan() == (1, 0)
+    assert [p.name for p in tmp_path.glob("*.safetensors")] == [files[-1].name]
 
 
 def test_model_key_names_the_files_and_dtype(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text("{}")
     (tmp_path / "model.safetensors").write_bytes(b"weights")
-    key = prefix_store.model_key(tmp_path, "float32")
-    assert key == prefix_store.model_key(tmp_path, "float32")
-    assert key != prefix_store.model_key(tmp_path, "bfloat16")
+    key = model_key(tmp_path, "float32")
+    assert key == model_key(tmp_path, "float32")
+    assert key != model_key(tmp_path, "bfloat16")
+    assert key != model_key(tmp_path, "float32", "8-bit/64")
     (tmp_path / "model.safetensors").write_bytes(b"other weights")
-    assert key != prefix_store.model_key(tmp_path, "float32")
+    assert key != model_key(tmp_path, "float32")
+
+
+def test_a_disk_hit_is_read_only_when_faster_than_recomputing(loaded, tmp_path: Path) -> None:
+    reuse = PrefixReuse(64 << 20, turn_ends=[3])
+    prompt = [40] * 60 + [7, 8]
+    run(loaded.model, reuse, [prompt])
+    estimate = {"seconds": None}
+    disk = DiskTier(tmp_path, 64 << 20, lambda _tokens, _context: estimate["seconds"])
+    disk.scan()
+    for entry in reuse.cache.entries():
+        disk.spill(entry)
+    limit = len(prompt) - 1
+    assert disk.fetch(prompt, limit, have=0) is not None  # nothing known yet: read (measures)
+    estimate["seconds"] = 1e-9  # recomputing costs nothing: reading cannot beat it
+    assert disk.fetch(prompt, limit, have=0) is None
+    estimate["seconds"] = 3600.0
+    assert disk.fetch(prompt, limit, have=0) is not None
+    assert disk.fetch(prompt, limit, have=limit) is None  # memory already gives as much
+    assert disk.loads == 2

@@ -31,11 +31,11 @@ from mlx_lm.generate import BatchGenerator
 from ..chat.prompts import turn_separator
 from ..chat.textstream import IncrementalDecoder, SequenceText
 from ..chat.token_text import TokenText
-from ..prefix import prefix_store
 from ..prefix.kv_state import free_memory_bytes
 from ..prefix.lookahead import TurnLookahead
 from ..prefix.prefix_cache import Entry
 from ..prefix.prefix_reuse import Plan, PrefixReuse
+from ..prefix.prefix_store import DiskTier, model_key
 from .generation import (
     Delta,
     GenerationFailed,
@@ -44,6 +44,7 @@ from .generation import (
     TokenLogprob,
     deliver_threadsafe,
 )
+from .kv_memory import BatchMemory, default_budget
 from .model_loading import LoadedModel
 from .prefill_schedule import PrefillScheduler
 from .prompt_batch import use_moving_prompt_batch
@@ -60,10 +61,6 @@ log = logging.getLogger("swan_serve.engine")
 _PREFILL_BATCH = 8
 # Prompt tokens the incremental decoder starts from (context for the first token's text).
 _DECODE_CONTEXT = 4
-# The prefix cache's default budget: this share of the memory free once the model is loaded
-# (the rest is for the running batch's own caches, activations and the rest of the machine).
-_PREFIX_CACHE_SHARE = 0.25
-_PREFIX_CACHE_FALLBACK_BYTES = 1 << 30
 
 
 @dataclass(eq=False)
@@ -75,6 +72,12 @@ class _Sequence:
     tokens: int = 0
     first_token_at: float = 0.0
     plan: Plan | None = None
+    kv_bytes: int = 0  # reserved at submission (engine.kv_need)
+
+    @property
+    def reach(self) -> int:
+        """The most positions its cache can hold: prompt and every token it may write."""
+        return len(self.spec.prompt) + self.spec.max_tokens
 
 
 class BatchLoop:
@@ -99,21 +102,27 @@ class BatchLoop:
         self._token_text = TokenText(self._tokenizer)
         # How long an idle loop waits for a message (None: until one comes).
         self._idle_wait: float | None = None
+        kv_budget = self._kv_budget()
+        prefix_cap = self._prefix_budget(kv_budget)
         self._prefixes = PrefixReuse(
-            self._prefix_budget(),
+            prefix_cap,
             turn_ends=self._tokenizer.eos_token_ids,
-            on_evict=lambda _entry: self._metrics.count_prefix_eviction(),
+            on_evict=self._evicted,
         )
-        log.info("prefix cache: %.1f MiB", self._prefixes.cache.budget_bytes / 2**20)
-        self._saved_prefixes = self._saved_prefixes_folder(loaded)
-        self._load_prefixes()
+        self._memory = BatchMemory(engine.kv_layout, self._model, kv_budget, prefix_cap,
+                                   self._prefixes.cache,
+                                   lambda: [s.reach for s in self._active.values()])
+        log.info("prefix cache: up to %.1f MiB", prefix_cap / 2**20)
         self._prefill = PrefillScheduler(cap=min(_PREFILL_BATCH, self._settings.max_concurrency),
                                          chunk=self._settings.prefill_step_size)
+        self._disk = self._open_disk_tier(loaded)
+        self._prefixes.lower = self._disk
         self._lookahead = TurnLookahead(self._model, turn_separator(self._tokenizer),
                                         self._prefixes, self._stream,
                                         limit=self._settings.max_concurrency,
                                         on_computed=self._metrics.count_lookahead)
         self._generator = self._new_generator()
+        self._publish()
 
     def _new_generator(self) -> BatchGenerator:
         slots = self._settings.max_concurrency
@@ -138,22 +147,36 @@ class BatchLoop:
                 self._step()
             elif not self._waiting and self._lookahead.pending:
                 self._lookahead.compute_one()  # idle: the next turn's first tokens
-            self._engine.active_count = len(self._active)
-            self._engine.waiting_count = len(self._waiting)
-            self._engine.prefix_cache_bytes = self._prefixes.cache.bytes_held
-            self._engine.prefix_cache_entries = len(self._prefixes.cache)
+            self._memory.settle()
+            self._publish()
         self.fail_all("The server is shutting down.")
-        self._save_prefixes()
+        self._spill_memory()
 
-    # ------------------------------------------------------------ prefix cache on disk
+    def _publish(self) -> None:
+        """The counts /metrics reads."""
+        engine = self._engine
+        engine.active_count = len(self._active)
+        engine.waiting_count = len(self._waiting)
+        engine.kv_batch_bytes = self._generator.prompt_cache_nbytes
+        engine.prefix_cache_bytes = self._prefixes.cache.bytes_held
+        engine.prefix_cache_entries = len(self._prefixes.cache)
+        if self._disk is not None:
+            engine.prefix_disk_bytes = self._disk.bytes_held
+            engine.prefix_disk_entries = len(self._disk)
 
     # ------------------------------------------------------------ hooks (distributed.py)
 
-    def _prefix_budget(self) -> int:
-        return _prefix_cache_budget(self._settings.prefix_cache_bytes)
+    def _kv_budget(self) -> int:
+        """Memory for every KV cache: the running batch's and the prefix cache's."""
+        return self._engine.admission.kv_budget or default_budget(free_memory_bytes())
+
+    def _prefix_budget(self, kv_budget: int) -> int:
+        """The prefix cache's own cap (it also gives way to the running batch)."""
+        cap = self._settings.prefix_cache_bytes
+        return kv_budget if cap is None else min(cap, kv_budget)
 
     def _agree_take(self, take: int) -> int:
-        """The prefill group size every rank uses (a timing-based choice)."""
+        """The prefill group size every rank uses (a timing- and memory-based choice)."""
         return take
 
     def _sampler(self, spec: SequenceSpec) -> Any:
@@ -163,32 +186,55 @@ class BatchLoop:
         self.fail_all("Generation failed on the server.")
 
     def _saved_prefixes_folder(self, loaded: LoadedModel) -> Path | None:
+        """Where the prefix cache's disk tier lives (None: memory only)."""
         root = self._settings.prefix_cache_dir
-        if root is None or not self._prefixes.enabled or self._engine.model_dir is None:
+        if (root is None or not self._prefixes.enabled or self._engine.model_dir is None
+                or not self._settings.prefix_cache_disk_bytes):
             return None
-        return root / prefix_store.model_key(self._engine.model_dir, loaded.compute_dtype)
+        layout = self._memory.layout
+        kv = f"{layout.bits}-bit/{layout.group_size}" if layout.bits else "float"
+        return root / model_key(self._engine.model_dir, loaded.compute_dtype, kv)
 
-    def _load_prefixes(self) -> None:
-        if self._saved_prefixes is None:
+    # ------------------------------------------------------------ prefix cache on disk
+
+    def _open_disk_tier(self, loaded: LoadedModel) -> DiskTier | None:
+        folder = self._saved_prefixes_folder(loaded)
+        if folder is None:
+            return None
+        disk = DiskTier(folder, self._settings.prefix_cache_disk_bytes, self._recompute_cost,
+                        on_load=self._metrics.prefix_load)
+        try:
+            entries, skipped = disk.scan()
+        except OSError:
+            log.exception("prefix cache: cannot use %s; keeping prefixes in memory only",
+                          folder)
+            return None
+        log.info("prefix cache: %d states (%.1f MiB) on disk in %s%s", entries,
+                 disk.bytes_held / 2**20, folder,
+                 f", {skipped} incomplete ones deleted" if skipped else "")
+        return disk
+
+    def _recompute_cost(self, tokens: int, context: int) -> float | None:
+        costs = self._prefill.costs
+        return costs.prefill_cost(PrefillWork(tokens, context)) if costs.ready else None
+
+    def _evicted(self, entry: Entry) -> None:
+        self._metrics.count_prefix_eviction()
+        self._spill(entry)
+
+    def _spill(self, entry: Entry) -> None:
+        if self._disk is None:
             return
         try:
-            count = prefix_store.load(self._prefixes.cache, self._saved_prefixes)
-        except Exception:  # a damaged save costs its states, not the server
-            log.exception("could not read the saved prefix cache in %s", self._saved_prefixes)
-            self._prefixes.cache.clear()
-            return
-        log.info("prefix cache: read %d states (%.1f MiB) from %s", count,
-                 self._prefixes.cache.bytes_held / 2**20, self._saved_prefixes)
+            if self._disk.spill(entry):
+                self._metrics.count_prefix_spill()
+        except Exception:  # a full or failing disk costs the state, not the server
+            log.exception("prefix cache: could not write a state to %s", self._disk.folder)
 
-    def _save_prefixes(self) -> None:
-        if self._saved_prefixes is None:
-            return
-        try:
-            count = prefix_store.save(self._prefixes.cache, self._saved_prefixes)
-        except Exception:
-            log.exception("could not save the prefix cache to %s", self._saved_prefixes)
-            return
-        log.info("prefix cache: saved %d states to %s", count, self._saved_prefixes)
+    def _spill_memory(self) -> None:
+        """At shutdown: what memory holds and disk does not (incremental, oldest first)."""
+        for entry in self._prefixes.cache.entries():
+            self._spill(entry)
 
     def _read_inbox(self, block: bool) -> bool:
         """Applies pending messages; False once asked to stop."""
@@ -213,13 +259,18 @@ class BatchLoop:
     def _enqueue(self, handle: GenerationHandle) -> bool:
         """Queues the handle's sequences; False if it was cancelled before we saw it."""
         if handle.cancelled:
-            self._engine.admission.release(len(handle.specs))
+            self._engine.admission.release(
+                len(handle.specs), sum(self._engine.kv_need(s) for s in handle.specs))
             return False
         for spec in handle.specs:
             decoder = IncrementalDecoder(self._tokenizer, spec.prompt[-_DECODE_CONTEXT:])
             text = SequenceText(decoder, spec.stop)
-            self._waiting.append(_Sequence(handle, spec, text))
+            self._waiting.append(_Sequence(handle, spec, text,
+                                           kv_bytes=self._engine.kv_need(spec)))
         return True
+
+    def _release(self, seqs: list[_Sequence]) -> None:
+        self._engine.admission.release(len(seqs), sum(s.kv_bytes for s in seqs))
 
     def _admit(self) -> None:
         free = self._settings.max_concurrency - len(self._active)
@@ -229,8 +280,12 @@ class BatchLoop:
         if len(candidates) == 1 and not self._prefill.busy:
             take = 1  # nothing to weigh: skip costing the prompt (a prefix-cache lookup)
         else:
-            take = self._agree_take(self._prefill.how_many(
-                [self._prefill_work(s) for s in candidates], decode_rows=len(self._active)))
+            take = self._prefill.how_many(
+                [self._prefill_work(s) for s in candidates], decode_rows=len(self._active))
+        # Every rank takes what rank 0 decided: timing and memory are its own readings.
+        take = self._agree_take(self._memory.fitting(candidates[:take]))
+        if not take:
+            return  # the batch's caches would not fit: wait for running sequences to end
         log.debug("prefill: starting %d of %d waiting (%d running)", take, len(self._waiting),
                   len(self._active))
         batch: list[_Sequence] = []
@@ -249,7 +304,7 @@ class BatchLoop:
                 uids = self._generator.insert_segments(
                     [p.segments for p in plans],
                     max_tokens=[s.spec.max_tokens for s in batch],
-                    caches=[p.state for p in plans],
+                    caches=[p.state or self._memory.new_cache() for p in plans],
                     all_tokens=[p.all_tokens for p in plans],
                     samplers=[self._sampler(s.spec) for s in batch],
                     logits_processors=[self._processors(s.spec) for s in batch],
@@ -258,7 +313,7 @@ class BatchLoop:
             log.exception("could not start %d sequences", len(batch))
             for plan in plans:
                 self._prefixes.abandon(plan)
-            self._engine.admission.release(len(batch))
+            self._release(batch)
             handles = list(dict.fromkeys(s.handle for s in batch))
             self._deliver([(h, GenerationFailed("The request could not be started."))
                            for h in handles])
@@ -268,7 +323,8 @@ class BatchLoop:
             self._active[uid] = seq
             self._prefill.started(uid, plan.cached, len(seq.spec.prompt))
             seq.handle.note_cached(id(seq.spec.prompt), plan.cached)
-            self._metrics.count_prompt(len(seq.spec.prompt), cached_tokens=plan.cached)
+            self._metrics.count_prompt(len(seq.spec.prompt), cached_tokens=plan.cached,
+                                       tier=plan.source)
 
     def _prefill_work(self, seq: _Sequence) -> PrefillWork:
         """What starting `seq` now would compute before its last token."""
@@ -390,7 +446,7 @@ class BatchLoop:
         waiting = [s for s in self._waiting if s.handle is handle]
         if waiting:
             self._waiting = deque(s for s in self._waiting if s.handle is not handle)
-            self._engine.admission.release(len(waiting))
+            self._release(waiting)
         running = [s for s in self._active.values() if s.handle is handle]
         if running:
             self._remove_saving(running)
@@ -402,7 +458,7 @@ class BatchLoop:
         self._prefill.ended(seq.uid)
         if seq.plan is not None:
             self._prefixes.abandon(seq.plan)
-        self._engine.admission.release()
+        self._release([seq])
         decode_time = now - seq.first_token_at if seq.tokens else 0.0
         self._metrics.sequence_finished(reason, now - seq.handle.created, decode_time,
                                         seq.tokens)
@@ -414,7 +470,7 @@ class BatchLoop:
             self._prefill.ended(seq.uid)
             if seq.plan is not None:
                 self._prefixes.abandon(seq.plan)
-        self._engine.admission.release(len(self._waiting) + len(self._active))
+        self._release(list(self._waiting) + list(self._active.values()))
         self._waiting.clear()
         self._active.clear()
         self._generator.close()
@@ -434,9 +490,3 @@ class BatchLoop:
         except RuntimeError:  # the event loop is closed: the server is going away
             pass
 
-
-def _prefix_cache_budget(requested: int | None) -> int:
-    if requested is not None:
-        return requested
-    free = free_memory_bytes()
-    return int(free * _PREFIX_CACHE_SHARE) if free else _PREFIX_CACHE_FALLBACK_BYTES

@@ -90,7 +90,15 @@ class _LockstepLoop(BatchLoop):
         super().__init__(loaded, engine, inbox, loop)
         self._dist.collectives.stream = self._stream
 
-    def _prefix_budget(self) -> int:
+    def _kv_budget(self) -> int:
+        """The smallest rank's: each holds its shard of every cache, and rank 0's
+        admission (429s, the group it starts) must fit on every one."""
+        mine = super()._kv_budget()
+        agreed = min(row[0] for row in self._dist.collectives.gather_ints([mine >> 10])) << 10
+        self._engine.admission.kv_budget = agreed
+        return agreed
+
+    def _prefix_budget(self, kv_budget: int) -> int:
         """Every rank holds its shard of every cached state, and evicts by its own byte
         counts: those agree when every rank holds the same kinds of layer cache (always
         by tensor; by pipeline when the layers split evenly), else the cache stays off."""
@@ -99,7 +107,7 @@ class _LockstepLoop(BatchLoop):
         if len(set(collectives.digests(layout))) > 1:
             log.warning("prefix cache off: the ranks hold different mixes of layers")
             return 0
-        mine = super()._prefix_budget()
+        mine = super()._prefix_budget(kv_budget)
         return min(row[0] for row in collectives.gather_ints([mine >> 10])) << 10
 
     def _saved_prefixes_folder(self, loaded: Any) -> Path | None:

@@ -35,23 +35,30 @@ class EngineState(enum.Enum):
 
 
 class Admission:
-    """Sequences counted from submission to their end: the backpressure bound."""
+    """Sequences counted from submission to their end, and the KV memory they may grow to:
+    the backpressure bounds."""
 
     def __init__(self, capacity: int):
         self.capacity = capacity
+        self.kv_budget: int | None = None  # set once the model is loaded
         self._lock = threading.Lock()
         self._reserved = 0
+        self.kv_reserved = 0
 
-    def reserve(self, count: int) -> bool:
+    def reserve(self, count: int, kv_bytes: int = 0) -> bool:
         with self._lock:
             if self._reserved + count > self.capacity:
                 return False
+            if self.kv_budget is not None and self.kv_reserved + kv_bytes > self.kv_budget:
+                return False
             self._reserved += count
+            self.kv_reserved += kv_bytes
             return True
 
-    def release(self, count: int = 1) -> None:
+    def release(self, count: int = 1, kv_bytes: int = 0) -> None:
         with self._lock:
             self._reserved -= count
+            self.kv_reserved -= kv_bytes
 
 
 # Called on the generation thread before loading: builds or finds the model directory
@@ -81,7 +88,22 @@ class Engine:
             prefix_cache_bytes=lambda: self.prefix_cache_bytes,
             prefix_cache_entries=lambda: self.prefix_cache_entries,
         )
+        self.metrics.add_gauge("swan_kv_budget_bytes", "Memory the running batch's KV caches "
+                               "and the prefix cache may use together.",
+                               lambda: self.admission.kv_budget or 0)
+        self.metrics.add_gauge("swan_kv_reserved_bytes", "KV memory the queued and running "
+                               "requests may grow to (prompt + max_tokens).",
+                               lambda: self.admission.kv_reserved)
+        self.metrics.add_gauge("swan_kv_batch_bytes", "Bytes of the running batch's KV "
+                               "caches.", lambda: self.kv_batch_bytes)
+        self.metrics.add_gauge("swan_prefix_cache_disk_bytes", "Bytes of the prefix cache's "
+                               "states on disk.", lambda: self.prefix_disk_bytes)
+        self.metrics.add_gauge("swan_prefix_cache_disk_entries", "States the prefix cache "
+                               "keeps on disk.", lambda: self.prefix_disk_entries)
         # Written by the generation thread after every step, read by /metrics.
+        self.prefix_disk_bytes = 0
+        self.prefix_disk_entries = 0
+        self.kv_batch_bytes = 0
         self.active_count = 0
         self.waiting_count = 0
         self.prefix_cache_bytes = 0
@@ -93,6 +115,7 @@ class Engine:
         self.vocab_size = 0
         self.compute_dtype = ""
         self.sampling_defaults: dict[str, float] = {}
+        self.kv_layout: Any = None  # kv_memory.KVLayout, once loaded
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -145,6 +168,8 @@ class Engine:
             log.exception("could not load the model from %s", self.model_dir)
             self._fail(f"could not load the model from {self.model_dir}: {exc}")
             return
+        if not self._plan_kv_memory(loaded.model):
+            return
         self.tokenizer = loaded.tokenizer
         from ..chat.chat_features import ChatFeatures
         from ..chat.prompt_tokens import PromptEncoder
@@ -186,6 +211,29 @@ class Engine:
         batch_loop = self._batch_loop
         if batch_loop is not None:
             batch_loop.fail_handles(GenerationFailed(message, status=status))
+    def _plan_kv_memory(self, model: Any) -> bool:
+        """Learns the caches' layout and sets the KV budget; False when --kv-bits cannot
+        apply to this model (the server then stops with the reason)."""
+        from ..prefix.kv_state import free_memory_bytes
+        from .kv_memory import default_budget, measure_layout
+
+        try:
+            self.kv_layout = measure_layout(model, self.settings.kv_bits,
+                                            self.settings.kv_group_size)
+        except ValueError as exc:
+            self._fail(f"--kv-bits {self.settings.kv_bits}: {exc}")
+            return False
+        budget = self.settings.max_kv_bytes or default_budget(free_memory_bytes())
+        self.admission.kv_budget = budget
+        log.info("KV memory: %.1f MiB for the running batch and the prefix cache; %s, "
+                 "%d bytes per token", budget / 2**20,
+                 f"{self.settings.kv_bits}-bit (group {self.kv_layout.group_size})"
+                 if self.settings.kv_bits else "float", self.kv_layout.footprint.per_token)
+        return True
+
+    def kv_need(self, spec: SequenceSpec) -> int:
+        """Bytes of KV cache `spec`'s sequence can grow to."""
+        return self.kv_layout.footprint.bytes_for(len(spec.prompt) + spec.max_tokens)
 
     def _fail(self, message: str) -> None:
         self.failure = message
@@ -206,7 +254,14 @@ class Engine:
             raise APIError(400, f"n is larger than the server's capacity "
                            f"({self.admission.capacity} sequences).", param="n",
                            code="invalid_value")
-        if not self.admission.reserve(len(specs)):
+        need = sum(self.kv_need(spec) for spec in specs)
+        budget = self.admission.kv_budget
+        if budget is not None and need > budget:
+            raise APIError(400, f"This request can grow to {need / 2**20:.1f} MiB of KV cache "
+                           f"(prompt and max_tokens), more than the server's "
+                           f"{budget / 2**20:.1f} MiB; shorten it or lower max_tokens.",
+                           code="context_length_exceeded")
+        if not self.admission.reserve(len(specs), need):
             raise APIError(429, "The server is at capacity; retry shortly.",
                            code="rate_limit_exceeded", headers={"Retry-After": "1"})
         handle = GenerationHandle(request_id, specs, prompt_tokens, asyncio.get_running_loop())

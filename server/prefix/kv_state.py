@@ -2,7 +2,8 @@
 
 A model's state is a list with one cache object per layer:
 
-- KVCache (full attention): trimmable, forgetting positions only lowers `offset`.
+- KVCache (full attention): trimmable, forgetting positions only lowers `offset`;
+  QuantizedKVCache (`--kv-bits`) the same, its keys and values (packed, scales, biases).
 - RotatingKVCache (sliding-window attention): trimmable until it has wrapped around its
   window (`offset < max_size`); after that old positions are overwritten and it is not.
 - ArraysCache (the conv and recurrent states of linear-attention / SSM layers, e.g. the
@@ -25,7 +26,7 @@ from typing import Any
 
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_map
-from mlx_lm.models.cache import KVCache
+from mlx_lm.models.cache import KVCache, QuantizedKVCache
 
 State = list[Any]  # one mlx_lm cache object per layer
 
@@ -54,12 +55,24 @@ def _own(value: Any) -> Any:
     return mx.array(value) if isinstance(value, mx.array) else value
 
 
+def is_kv(layer: Any) -> bool:
+    """A full-attention cache that counts positions (float or quantized)."""
+    return isinstance(layer, (KVCache, QuantizedKVCache))
+
+
+def _positions(layer: Any) -> int:
+    """Positions a KV layer's arrays have room for (>= its offset)."""
+    keys = layer.keys[0] if isinstance(layer, QuantizedKVCache) else layer.keys
+    return keys.shape[2]
+
+
 def _detached_layer(layer: Any) -> Any:
-    if isinstance(layer, KVCache) and layer.keys is not None:
-        # KVCache grows its arrays in steps of 256 positions: keep only the used ones.
-        keys = layer.keys[..., :layer.offset, :]
-        values = layer.values[..., :layer.offset, :]
-        return type(layer).from_state((_own(keys), _own(values), layer.offset))
+    if is_kv(layer) and layer.keys is not None:
+        # KV caches grow their arrays in steps of 256 positions: keep only the used ones.
+        keys, values = tree_map(lambda x: _own(x[..., :layer.offset, :]),
+                                (layer.keys, layer.values))
+        rest = tuple(layer.state[2:])  # offset (and a quantized cache's group and bits)
+        return type(layer).from_state((keys, values, *rest))
     return type(layer).from_state(tree_map(_own, layer.state))
 
 
@@ -94,14 +107,13 @@ def view(state: State, trim: int = 0) -> State:
 def extendable(state: State) -> State:
     """Cache objects the model can run on to extend `state` without writing into its arrays.
 
-    A KVCache holding exactly its positions (as stored states do) moves to new, larger
+    A KV cache holding exactly its positions (as stored states do) moves to new, larger
     arrays on its next token, so it can share them; other layers may write in place (a
     rotating window) and are copied: their arrays are bounded by a window or fixed size.
     """
     layers = []
     for layer in state:
-        exact = isinstance(layer, KVCache) and (layer.keys is None
-                                                or layer.keys.shape[2] == layer.offset)
+        exact = is_kv(layer) and (layer.keys is None or _positions(layer) == layer.offset)
         layers.append(view([layer])[0] if exact else _detached_layer(layer))
     return layers
 

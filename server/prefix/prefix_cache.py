@@ -86,14 +86,16 @@ def _common_length(edge: tuple[int, ...], tokens: Sequence[int], start: int) -> 
 
 
 class PrefixCache:
-    def __init__(self, budget_bytes: int, on_evict: Callable[[Entry], None] | None = None):
+    def __init__(self, budget_bytes: int, on_evict: Callable[[Entry], None] | None = None,
+                 on_drop: Callable[[Entry], None] | None = None):
         self.budget_bytes = budget_bytes
         self.bytes_held = 0
         self.evictions = 0
         self._root = _Node((), None, 0)
         # Least recently used first, one order per priority.
         self._lru: dict[Priority, OrderedDict[Entry, None]] = {p: OrderedDict() for p in Priority}
-        self._on_evict = on_evict
+        self._on_evict = on_evict  # an entry evicted for room
+        self._on_drop = on_drop  # an entry dropped as redundant (a deeper one covers it)
 
     def __len__(self) -> int:
         return sum(len(order) for order in self._lru.values())
@@ -211,6 +213,18 @@ class PrefixCache:
             if entry is not None and entry.trimmable and entry.priority <= priority:
                 redundant.append(entry)
         for entry in redundant:
+            self._remove(entry)
+            if self._on_drop is not None:
+                self._on_drop(entry)
+
+    def set_budget(self, budget_bytes: int) -> None:
+        """A new budget; evicts (least valuable first) down to it."""
+        self.budget_bytes = budget_bytes
+        while self.bytes_held > budget_bytes:
+            self._evict_one()
+
+    def discard(self, entry: Entry) -> None:
+        if self.holds(entry):
             self._remove(entry)
 
     def clear(self) -> None:

@@ -28,10 +28,9 @@ import logging
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
-from mlx_lm.models.cache import KVCache
-
-from .kv_state import State, detached, evaluate, is_trimmable, state_nbytes, view
+from .kv_state import State, detached, evaluate, is_kv, is_trimmable, state_nbytes, view
 from .prefix_cache import Entry, PrefixCache, Priority
 
 log = logging.getLogger("swan_serve.prefix_cache")
@@ -47,6 +46,7 @@ class Plan:
     segments: list[list[int]]  # the rest of the prompt, cut at the boundaries
     # Boundaries (depth, priority) whose states are still to be saved, shallowest first.
     pending: deque[tuple[int, Priority]] = field(default_factory=deque)
+    source: str | None = None  # the tier `state` came from: "memory", "disk" or None
 
     @property
     def all_tokens(self) -> list[int]:
@@ -75,12 +75,12 @@ class PrefixReuse:
     def __init__(self, budget_bytes: int, turn_ends: Iterable[int],
                  on_evict: Callable[[Entry], None] | None = None):
         self.cache = PrefixCache(budget_bytes, on_evict)
+        # The cache's budget moves with the running batch (kv_memory.py); off stays off.
+        self.enabled = budget_bytes > 0
         self._turn_ends = frozenset(turn_ends)
         self._in_flight: set[Plan] = set()
-
-    @property
-    def enabled(self) -> bool:
-        return self.cache.budget_bytes > 0
+        # The disk tier (prefix_store.DiskTier), when the cache has a folder.
+        self.lower: Any = None
 
     # ------------------------------------------------------------ admission
 
@@ -92,17 +92,28 @@ class PrefixReuse:
         limit = len(prompt) - 1  # the last token is always computed: it gives the logits
         match = self.cache.lookup(prompt, limit)
         cached = match.length if match else 0
+        state = view(match.entry.state, match.trim) if match else None
+        source = "memory" if match else None
+        loaded = self.lower.fetch(prompt, limit, cached) if self.lower is not None else None
+        if loaded is not None:
+            cached, state, source = loaded.length, self._adopt(loaded), "disk"
         if self._coming(prompt, cached):
             return None
         boundaries = self._boundaries(prompt, cached)
         plan = Plan(
-            prompt, cached,
-            view(match.entry.state, match.trim) if match else None,
+            prompt, cached, state,
             cut(prompt, cached, [depth for depth, _ in boundaries]),
-            deque(boundaries),
+            deque(boundaries), source,
         )
         self._in_flight.add(plan)
         return plan
+
+    def _adopt(self, loaded: Any) -> State:
+        """Puts a state read from disk back into memory (when the budget lets it) and
+        returns the part the prompt shares."""
+        self.cache.store(loaded.tokens, loaded.state, state_nbytes(loaded.state),
+                         is_trimmable(loaded.state), loaded.priority)
+        return view(loaded.state, len(loaded.tokens) - loaded.length)
 
     def cached_length(self, prompt: Sequence[int]) -> int:
         """Prompt tokens a sequence would start with from the cache now (nothing is used)."""
@@ -177,5 +188,5 @@ class PrefixReuse:
 
 def _covers(state: State, length: int) -> bool:
     """Attention layers that count positions must hold exactly `length` of them."""
-    offsets = [layer.offset for layer in state if isinstance(layer, KVCache) and not layer.empty()]
+    offsets = [layer.offset for layer in state if is_kv(layer) and not layer.empty()]
     return all(offset == length for offset in offsets)
