@@ -3,6 +3,8 @@ next-token distributions against float KV, on the trained test models' conversat
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 from kv_texts import STYLES, conversations, trained_model
 from mlx_lm.utils import load_model
@@ -21,3 +23,5 @@ def test_quantized_kv_kl_stays_within_the_bound(style: str) -> None:
     # The measurement can fail: 4 bits costs more than 8.
     tokens = conversations(style)[1]
     assert kv_quality(model, tokens, 4, 32).mean_kl > kv_quality(model, tokens, 8, 32).mean_kl
+    del model
+    gc.collect()  # its module tree holds cycles: free it now, not in a later test
