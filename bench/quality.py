@@ -117,7 +117,8 @@ def _recipe(objective_name: str, groups: list[int] | None = None):
     return recipe.model_copy(update={"budget": recipe.budget.model_copy(update=update)})
 
 
-def build_variants(src: Path, work: Path) -> list[tuple[str, Path, float]]:
+def build_variants(src: Path, work: Path, core_only: bool = False,
+                   ) -> list[tuple[str, Path, float]]:
     """(label, folder, seconds to build) for every quantized variant."""
     from swan_serve.quant.analyze import analyze_checkpoint
 
@@ -135,26 +136,45 @@ def build_variants(src: Path, work: Path) -> list[tuple[str, Path, float]]:
 
     def swan(recipe, bpw, sensitivity, weighted_fit=True, name="budget"):
         recipe = load_recipe(name) if recipe is None else recipe
-        plan = allocate.build_plan(manifest, name_map, recipe, bpw, tied_embeddings=tied,
-                                   sensitivity=sensitivity)
-        return lambda o: convert(src, o, plan, progress=False, manifest_path=manifest_path,
-                                 moments=moments if weighted_fit else None)
+
+        def job(out: Path) -> None:
+            try:
+                plan = allocate.build_plan(manifest, name_map, recipe, bpw,
+                                           tied_embeddings=tied, sensitivity=sensitivity)
+            except allocate.AllocationError:  # a model whose floor is above the target
+                # (stories260K: its 172-wide down_proj stays float): equal bytes with the
+                # uniform mlx_lm row of the same bits instead
+                uniform = work / ("v0" if bpw > 4 else "v1")
+                plan = allocate.build_plan(manifest, name_map, recipe,
+                                           storage_figures(uniform)[0], tied_embeddings=tied,
+                                           sensitivity=sensitivity)
+            convert(src, out, plan, progress=False, manifest_path=manifest_path,
+                    moments=moments if weighted_fit else None)
+
+        return job
 
     jobs = [
         (UNIFORM4, lambda o: mlx_lm_convert(src, o, 4)),
         ("uniform 3-bit g64 (mlx_lm)", lambda o: mlx_lm_convert(src, o, 3)),
-        ("mixed_4_6 (mlx_lm)", lambda o: mlx_lm_convert(src, o, 4, "mixed_4_6")),
-        ("swan thresholds 2/4/8/16", swan(None, None, None, False, "swan-thresholds")),
     ]
+    if not core_only:
+        jobs += [
+            ("mixed_4_6 (mlx_lm)", lambda o: mlx_lm_convert(src, o, 4, "mixed_4_6")),
+            ("swan thresholds 2/4/8/16", swan(None, None, None, False, "swan-thresholds")),
+        ]
     for bpw in (4.5, 3.5):
         jobs += [
             (f"budget {bpw}, weight objective (old)", swan(_recipe("weight"), bpw, None, False)),
             (f"budget {bpw}, output objective (new)", swan(_recipe("output"), bpw, sens)),
             (f"budget {bpw}, new, no group 32", swan(_recipe("output", [64, 128]), bpw, sens)),
-            (f"budget {bpw}, new, plain fit (ablation)",
-             swan(_recipe("output"), bpw, sens, False)),
-            (f"budget {bpw}, new, no class gains (ablation)", swan(_recipe("output"), bpw, flat)),
         ]
+        if not core_only:
+            jobs += [
+                (f"budget {bpw}, new, plain fit (ablation)",
+                 swan(_recipe("output"), bpw, sens, False)),
+                (f"budget {bpw}, new, no class gains (ablation)",
+                 swan(_recipe("output"), bpw, flat)),
+            ]
     variants = []
     for i, (label, job) in enumerate(jobs):
         out = work / f"v{i}"
@@ -201,11 +221,12 @@ def windows(tokenizer, text: str, max_tokens: int) -> np.ndarray:
     return np.stack([ids[i * SEQ_LEN: (i + 1) * SEQ_LEN + 1] for i in range(count)])
 
 
-def run_model(name: str, src: Path, max_tokens: int, keep: Path | None) -> str:
+def run_model(name: str, src: Path, max_tokens: int, keep: Path | None,
+              core_only: bool = False) -> str:
     work = (keep / name) if keep else Path(tempfile.mkdtemp(prefix=f"swan-quality-{name}-"))
     work.mkdir(parents=True, exist_ok=True)
     try:
-        variants = build_variants(src, work)
+        variants = build_variants(src, work, core_only)
         ref, tokenizer = NpModel.load(src)
         data = windows(tokenizer, held_out_text(name, max_tokens * 8), max_tokens)
         results = evaluate_np(ref, {label: path for label, path, _ in variants}, data)
@@ -223,6 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=2048,
                         help="held-out tokens scored per model (windows of 256)")
     parser.add_argument("--keep", type=Path, help="keep the converted variants in this folder")
+    parser.add_argument("--core", action="store_true",
+                        help="only uniform and budget rows (no mixed_4_6, thresholds, ablations)")
     args = parser.parse_args(argv)
     names = [n.strip() for n in args.models.split(",") if n.strip()]
     unknown = [n for n in names if n not in MODELS]
@@ -234,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name}: skipped, no model at {src}"
                   + (" (make it with scripts/smollm2_reference.py)" if name == "smollm2" else ""))
             continue
-        print(run_model(name, src, args.max_tokens, args.keep), flush=True)
+        print(run_model(name, src, args.max_tokens, args.keep, args.core), flush=True)
     return 0
 
 

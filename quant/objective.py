@@ -26,12 +26,15 @@ from .sources.checkpoint import open_checkpoint
 
 def measure(model_dir: str | Path, manifest: Manifest, recipe: Recipe,
             moments: dict[str, np.ndarray] | None = None, *, progress: bool = False,
-            name_map: NameMap | None = None) -> tuple[Sensitivity, dict[str, np.ndarray]]:
+            name_map: NameMap | None = None,
+            options: moments_mod.MomentOptions = moments_mod.MomentOptions(),
+            ) -> tuple[Sensitivity, dict[str, np.ndarray]]:
     """(sensitivity for the budget recipe, the input moments it used)."""
     ckpt = open_checkpoint(model_dir)
     name_map = name_map or build_name_map(ckpt.config, checkpoint_shapes(ckpt))
     model, tokenizer = NpModel.load(model_dir)
-    own, sequences = moments_mod.self_generated(model_dir, model_and_tokenizer=(model, tokenizer))
+    own, sequences = moments_mod.self_generated(model_dir, options,
+                                               model_and_tokenizer=(model, tokenizer))
     source = "self-generated"
     if moments is not None:
         own = {**own, **{k: np.asarray(v, np.float32) for k, v in moments.items()}}
