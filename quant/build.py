@@ -151,7 +151,11 @@ def quantize_model(
     ckpt = open_checkpoint(model_dir)
     name_map = build_name_map(ckpt.config, checkpoint_shapes(ckpt))
     sensitivity = moments = None
-    if recipe.mode == "budget" and recipe.budget.objective == "output":
+    from .npmodel import supports
+
+    # The output objective runs the model in numpy (dense Llama-family only for now);
+    # other architectures keep the weight objective.
+    if recipe.mode == "budget" and recipe.budget.objective == "output" and supports(ckpt.config):
         from .objective import measure
 
         sensitivity, moments = measure(model_dir, manifest, recipe, progress=progress,
