@@ -143,10 +143,10 @@ def build_variants(src: Path, work: Path, core_only: bool = False,
                                            tied_embeddings=tied, sensitivity=sensitivity)
             except allocate.AllocationError:  # a model whose floor is above the target
                 # (stories260K: its 172-wide down_proj stays float): equal bytes with the
-                # uniform mlx_lm row of the same bits instead
-                uniform = work / ("v0" if bpw > 4 else "v1")
+                # uniform row of the same bits instead (floats counted alike)
+                same_bytes = allocate.uniform_plan(name_map, 4 if bpw > 4 else 3, 64)
                 plan = allocate.build_plan(manifest, name_map, recipe,
-                                           storage_figures(uniform)[0], tied_embeddings=tied,
+                                           same_bytes.achieved_bpw, tied_embeddings=tied,
                                            sensitivity=sensitivity)
             convert(src, out, plan, progress=False, manifest_path=manifest_path,
                     moments=moments if weighted_fit else None)
