@@ -132,6 +132,7 @@ def build_variants(src: Path, work: Path, core_only: bool = False,
     sens, moments = objective.measure(src, manifest, _recipe("output"), name_map=name_map)
     print(f"{src.name}: output objective measured in {time.perf_counter() - start:.1f}s; "
           f"class gains {sens.class_gain}", file=sys.stderr)
+    sens.save(work / "sensitivity.json")  # kept with --keep, for reading the plans
     flat = Sensitivity(errors=sens.errors, class_gain={})  # every class gain 1
 
     def swan(recipe, bpw, sensitivity, weighted_fit=True, name="budget"):
