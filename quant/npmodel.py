@@ -204,7 +204,8 @@ def _mask(valid: np.ndarray, past: int, t: int) -> np.ndarray:
 def _attention(q, k, v, mask, repeat: int) -> np.ndarray:
     b, h, t, d = q.shape
     q = q.reshape(b, h // repeat, repeat * t, d) if repeat > 1 else q
-    scores = q @ k.transpose(0, 1, 3, 2) / np.sqrt(d)
+    # a float32 factor: a numpy float64 scalar would turn everything after into float64
+    scores = q @ k.transpose(0, 1, 3, 2) * np.float32(1.0 / np.sqrt(d))
     if repeat > 1:
         scores = scores.reshape(b, h // repeat, repeat, t, -1) + mask[:, :, None]
     else:
