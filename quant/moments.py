@@ -57,6 +57,9 @@ class MomentOptions:
     seed: int = 0
 
 
+DEFAULT_OPTIONS = MomentOptions()
+
+
 def round_sig(x: np.ndarray, digits: int = 4) -> np.ndarray:
     """Round to `digits` significant digits (float32), so tiny float noise vanishes."""
     x = np.asarray(x, dtype=np.float64)
@@ -68,7 +71,7 @@ def round_sig(x: np.ndarray, digits: int = 4) -> np.ndarray:
     return out.astype(np.float32)
 
 
-def conversations(model: NpModel, tokenizer, options: MomentOptions = MomentOptions(),
+def conversations(model: NpModel, tokenizer, options: MomentOptions = DEFAULT_OPTIONS,
                   ) -> list[list[int]]:
     """Token ids of each prompt + the model's own answer, through its chat template
     (a model without one continues the bare prompt text)."""
@@ -115,7 +118,7 @@ def record(model: NpModel, sequences: list[list[int]], modules: dict[str, str],
     return {k: round_sig(v) for k, v in sorted(out.items())}
 
 
-def self_generated(model_dir: str | Path, options: MomentOptions = MomentOptions(),
+def self_generated(model_dir: str | Path, options: MomentOptions = DEFAULT_OPTIONS,
                    model_and_tokenizer=None) -> tuple[Moments, list[list[int]]]:
     """(moments keyed by HF weight name, the self-generated token sequences)."""
     from .mlx_names import build_name_map, checkpoint_shapes

@@ -27,7 +27,7 @@ from .sources.checkpoint import open_checkpoint
 def measure(model_dir: str | Path, manifest: Manifest, recipe: Recipe,
             moments: dict[str, np.ndarray] | None = None, *, progress: bool = False,
             name_map: NameMap | None = None,
-            options: moments_mod.MomentOptions = moments_mod.MomentOptions(),
+            options: moments_mod.MomentOptions = moments_mod.DEFAULT_OPTIONS,
             ) -> tuple[Sensitivity, dict[str, np.ndarray]]:
     """(sensitivity for the budget recipe, the input moments it used)."""
     ckpt = open_checkpoint(model_dir)
