@@ -6,8 +6,12 @@ carries, from the manifest, its tensor class, composite SWAN score and the
 measured relative error of every candidate (bits, group size); a stack's figures
 are the parameter-weighted means of its experts'.
 
-Budget mode minimises  sum_m prior_m * rel_mse_m(candidate) * params_m  subject to
-sum_m params_m * bpw(candidate) <= budget, exactly (knapsack.py), where
+Budget mode minimises a predicted loss subject to sum_m params_m * bpw(candidate)
+<= budget, exactly (knapsack.py). With the output objective (the default; needs a
+sensitivity.Sensitivity) the loss of a candidate is its predicted KL,
+class_gain[class_m] * E||(W - W_hat) x||^2 measured with input moments. With the
+weight objective (the earlier default, also used when no sensitivity is given)
+it is  prior_m * rel_mse_m(candidate) * params_m, where
 prior_m = class_prior[class] * exp(score_slope * (composite_m - median composite)).
 Bits per weight count every stored parameter, float ones at 16 bits.
 
@@ -33,6 +37,7 @@ from .manifest import Manifest, TensorRecord
 from .mlx_names import NameMap
 from .plan import FLOAT_BITS, Decision, Plan
 from .recipe import Recipe, load_recipe
+from .sensitivity import Sensitivity
 
 Setting = tuple[int, int]  # (bits, group_size)
 
@@ -70,13 +75,17 @@ def build_units(manifest: Manifest, name_map: NameMap, recipe: Recipe) -> list[U
 
 def build_plan(
     manifest: Manifest, name_map: NameMap, recipe: Recipe, target_bpw: float | None = None,
-    tied_embeddings: bool = False,
+    tied_embeddings: bool = False, sensitivity: Sensitivity | None = None,
 ) -> Plan:
+    """sensitivity: predicted output errors and class gains; the budget recipe's
+    output objective uses them (without, it falls back to the weight objective)."""
     units = build_units(manifest, name_map, recipe)
     float_params = sum(int(np.prod(t.shape)) for t in name_map.floats())
     if recipe.mode == "budget":
         target = target_bpw if target_bpw is not None else recipe.budget.target_bpw
-        decisions = _budget(units, recipe, target, float_params, tied_embeddings)
+        if recipe.budget.objective != "output":
+            sensitivity = None
+        decisions = _budget(units, recipe, target, float_params, tied_embeddings, sensitivity)
     elif recipe.mode == "thresholds":
         target, decisions = None, _thresholds(units, recipe)
     else:
@@ -160,30 +169,49 @@ def prior(u: Unit, recipe: Recipe, median: float, tied_embeddings: bool) -> floa
     return base * math.exp(recipe.budget.score_slope * (u.composite - median))
 
 
+def budget_settings(units: list[Unit], recipe: Recipe) -> dict[str, list[Setting]]:
+    """The candidates the budget recipe may choose from, per module left to choose."""
+    out = {}
+    for u in units:
+        if u.float_reason:
+            continue
+        allowed = [s for s in u.errors
+                   if s[0] in recipe.budget.bits and s[1] in recipe.budget.group_sizes]
+        out[u.module] = allowed or list(u.errors)  # a rule (min bits) beats the recipe's list
+    return out
+
+
 def _budget(units: list[Unit], recipe: Recipe, target: float, float_params: int,
-            tied: bool) -> dict[str, Decision]:
+            tied: bool, sensitivity: Sensitivity | None = None) -> dict[str, Decision]:
     decisions = {u.module: _float_decision(u, u.float_reason) for u in units if u.float_reason}
     live = [u for u in units if not u.float_reason]
     total = float_params + sum(u.params for u in units)
     fixed_bits = FLOAT_BITS * (float_params + sum(u.params for u in units if u.float_reason))
     median = float(np.median([u.composite for u in live])) if live else 0.0
     options, settings = [], []
+    allowed_of = budget_settings(units, recipe)
     for u in live:
-        allowed = [s for s in u.errors
-                   if s[0] in recipe.budget.bits and s[1] in recipe.budget.group_sizes]
-        allowed = allowed or list(u.errors)  # a rule (min bits) beats the recipe's list
-        p = prior(u, recipe, median, tied)
+        allowed = allowed_of[u.module]
+        if sensitivity is not None:
+            if u.module not in sensitivity.errors:
+                raise AllocationError(f"the sensitivity has no entry for {u.module}")
+            allowed = [s for s in allowed if s in sensitivity.errors[u.module]]
+            losses = [sensitivity.loss(u.module, u.tensor_class, s) for s in allowed]
+        else:
+            p = prior(u, recipe, median, tied)
+            losses = [p * u.errors[s] * u.params for s in allowed]
         settings.append(allowed)
-        options.append([knapsack.Option(u.params * bits_per_weight(*s), p * u.errors[s] * u.params)
-                        for s in allowed])
+        options.append([knapsack.Option(u.params * bits_per_weight(*s), loss)
+                        for s, loss in zip(allowed, losses, strict=True)])
     try:
         chosen = knapsack.solve(options, target * total - fixed_bits)
     except knapsack.BudgetError:
         floor = (fixed_bits + sum(min(o.cost for o in opts) for opts in options)) / total
         raise AllocationError(f"target {target} bpw is below the smallest possible "
                               f"{floor:.3f} bpw for this model") from None
+    why = "budget, predicted KL" if sensitivity is not None else "budget, weight error"
     for u, allowed, opts, i in zip(live, settings, options, chosen, strict=True):
-        decisions[u.module] = _decision(u, allowed[i], f"budget: loss {opts[i].loss:.3g}")
+        decisions[u.module] = _decision(u, allowed[i], f"{why}: loss {opts[i].loss:.3g}")
     return dict(sorted(decisions.items()))
 
 

@@ -150,15 +150,26 @@ def quantize_model(
                                       on_progress=on_progress)
     ckpt = open_checkpoint(model_dir)
     name_map = build_name_map(ckpt.config, checkpoint_shapes(ckpt))
+    sensitivity = moments = None
+    from .npmodel import supports
+
+    # The output objective runs the model in numpy (dense Llama-family only for now);
+    # other architectures keep the weight objective.
+    if recipe.mode == "budget" and recipe.budget.objective == "output" and supports(ckpt.config):
+        from .objective import measure
+
+        sensitivity, moments = measure(model_dir, manifest, recipe, progress=progress,
+                                       name_map=name_map)
     plan = build_plan(manifest, name_map, recipe, target_bpw,
-                      tied_embeddings=tied_embeddings(ckpt.config))
+                      tied_embeddings=tied_embeddings(ckpt.config), sensitivity=sensitivity)
     staged_manifest = None
     if manifest_path is None:
         staged_manifest = out_dir.parent / f".{out_dir.name}.manifest.json"
         manifest.save(staged_manifest)
     try:
         result = convert(model_dir, out_dir, plan, force=force, progress=progress,
-                         manifest_path=manifest_path or staged_manifest, on_progress=on_progress)
+                         manifest_path=manifest_path or staged_manifest, on_progress=on_progress,
+                         moments=moments)
     finally:
         if staged_manifest is not None:
             staged_manifest.unlink(missing_ok=True)

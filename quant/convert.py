@@ -49,6 +49,7 @@ from .safetensors_out import (
     to_storage,
     write_index,
 )
+from .sensitivity import importance_of
 from .sources.checkpoint import Checkpoint, open_checkpoint
 from .sources.gguf_keep import exact_groups, kept_scale_dtype
 
@@ -109,12 +110,15 @@ def convert(
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     workers: int | None = None,
     on_progress: ProgressCallback | None = None,
+    moments: dict[str, np.ndarray] | None = None,
 ) -> ConvertResult:
     """Write the MLX checkpoint that `plan` describes for the HF model in model_dir.
 
     method: "fit" (searched scale/bias, fit.py) or "rtn" (exactly mx.quantize).
     workers: fitting threads (default: one per CPU core, at most 8).
     on_progress: called with ("convert", fraction done) as weights are written.
+    moments: per-input-channel second moments by HF weight name (moments.py); with
+    them the fit minimises the moment-weighted (output) error.
     """
     if method not in ("fit", "rtn"):
         raise ConvertError(f"method must be 'fit' or 'rtn', got {method!r}")
@@ -129,6 +133,7 @@ def convert(
     try:
         workers = workers or min(8, os.cpu_count() or 1)
         writer = _Writer(ckpt, name_map, model, plan, method, fit_options, workers, on_progress)
+        writer.moments = moments or {}
         errors = writer.write(staging, max_shard_bytes, progress)
         _write_config(staging / "config.json", ckpt.config, plan)
         _copy_side_files(ckpt.root, staging)
@@ -169,6 +174,7 @@ class _Writer:
         self._lock = threading.Lock()
         self.floats = float_tensors(ckpt, name_map, model)  # lazy
         self.bytes_written = 0
+        self.moments: dict[str, np.ndarray] = {}
 
     def outputs(self) -> list[tuple[MlxTensor, list[OutTensor]]]:
         out = []
@@ -262,7 +268,9 @@ class _Writer:
             codes, scales, biases, scale_dtype = kept
             store = DTYPE_OF_NAME[scale_dtype]
         elif self.method == "fit":
-            codes, scales, biases = fit.fit(w, d.bits, d.group_size, scale_dtype, self.fit_options)
+            importance = importance_of(self.moments, t, slot)
+            codes, scales, biases = fit.fit(w, d.bits, d.group_size, scale_dtype, self.fit_options,
+                                            importance=importance)
         else:
             codes, scales, biases = affine.quantize(w, d.bits, d.group_size, scale_dtype)
         first_row = slot * t.shape[-2] + r0

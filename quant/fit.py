@@ -15,6 +15,12 @@ squared error after storage rounding:
 4. every candidate is judged with scale and bias rounded to the storage dtype
    and the codes recomputed from the rounded values (the codes that are stored).
 
+With `importance` (one non-negative weight per input channel: the second moment
+E[x_j^2] of the input the weight multiplies, from moments.py or an imatrix file)
+every squared error above is weighted by it, so the fit minimises the module's
+expected output error E||(W - W_hat) x||^2 (for uncorrelated channels) instead of
+the weight error, as llama.cpp's imatrix quantizers do.
+
 Output has the format of `affine.quantize`: uint8 codes shaped like w, float32
 scales and biases (already representable in `scale_dtype`), so `affine.pack`
 and `affine.dequantize` (and MLX's `mx.dequantize`) read it unchanged.
@@ -54,10 +60,16 @@ def fit(
     group_size: int,
     scale_dtype: str = "float32",
     options: FitOptions = DEFAULT,
+    importance: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Fitted (codes uint8 shaped like w, scales, biases (..., in // group_size))."""
-    affine.check_setting(bits, group_size, np.shape(w)[-1])
+    """Fitted (codes uint8 shaped like w, scales, biases (..., in // group_size)).
+
+    importance: per-input-channel weights [in_dim] of the squared error (None: all 1).
+    """
+    in_dim = np.shape(w)[-1]
+    affine.check_setting(bits, group_size, in_dim)
     affine.round_to_dtype(np.zeros(1, np.float32), scale_dtype)  # validates the dtype name
+    weights = _group_weights(importance, in_dim, group_size)
     w = np.asarray(w)
     groups = w.reshape(-1, group_size)
     codes = np.empty(groups.shape, dtype=np.uint8)
@@ -66,7 +78,10 @@ def fit(
     step = max(1, _BLOCK_ELEMENTS // group_size)
     for start in range(0, groups.shape[0], step):
         block = np.ascontiguousarray(groups[start : start + step], dtype=np.float32)
-        q, s, b = _fit_groups(block, bits, scale_dtype, options)
+        block_weights = None
+        if weights is not None:  # group k of the flat list is group k % per_row of its row
+            block_weights = weights[np.arange(start, start + len(block)) % len(weights)]
+        q, s, b = _fit_groups(block, bits, scale_dtype, options, block_weights)
         codes[start : start + step] = q
         scales[start : start + step] = s
         biases[start : start + step] = b
@@ -77,6 +92,24 @@ def fit(
         scales.reshape(*lead, n_groups),
         biases.reshape(*lead, n_groups),
     )
+
+
+def _group_weights(importance: np.ndarray | None, in_dim: int, group_size: int,
+                   ) -> np.ndarray | None:
+    """[in_dim // group_size, group_size] float32 weights, each group's mean 1 (a
+    group's weights only rank its own errors), or None."""
+    if importance is None:
+        return None
+    imp = np.asarray(importance, dtype=np.float64).reshape(-1)
+    if imp.shape[0] != in_dim:
+        raise ValueError(f"importance has {imp.shape[0]} channels, the weight {in_dim}")
+    if not np.all(np.isfinite(imp)) or np.any(imp < 0):
+        raise ValueError("importance must be finite and non-negative")
+    g = imp.reshape(-1, group_size)
+    mean = g.mean(axis=1, keepdims=True)
+    # A group whose channels are all (near) zero: fall back to plain squared error.
+    g = np.where(mean > 0, g / np.where(mean > 0, mean, 1.0), 1.0)
+    return (g + 1e-6).astype(np.float32)  # no channel entirely free
 
 
 def relative_mse(w: np.ndarray, codes: np.ndarray, scales: np.ndarray, biases: np.ndarray,
@@ -93,8 +126,9 @@ def relative_mse(w: np.ndarray, codes: np.ndarray, scales: np.ndarray, biases: n
 class _Best:
     """Per-group best (error, scale, bias) so far, with storage-rounded scale/bias."""
 
-    def __init__(self, x: np.ndarray, n_bins: np.float32, scale_dtype: str):
-        self.x, self.n_bins, self.dtype = x, n_bins, scale_dtype
+    def __init__(self, x: np.ndarray, n_bins: np.float32, scale_dtype: str,
+                 weights: np.ndarray | None):
+        self.x, self.n_bins, self.dtype, self.weights = x, n_bins, scale_dtype, weights
         self.err = np.full(x.shape[0], np.inf, dtype=np.float32)
         self.scale = np.zeros(x.shape[0], dtype=np.float32)
         self.bias = np.zeros(x.shape[0], dtype=np.float32)
@@ -102,7 +136,7 @@ class _Best:
     def offer(self, scale: np.ndarray, bias: np.ndarray) -> None:
         scale = affine.round_to_dtype(scale, self.dtype)
         bias = affine.round_to_dtype(bias, self.dtype)
-        err = _sse(self.x, scale, bias, self.n_bins)
+        err = _sse(self.x, scale, bias, self.n_bins, self.weights)
         better = err < self.err
         self.err = np.where(better, err, self.err)
         self.scale = np.where(better, scale, self.scale)
@@ -117,13 +151,16 @@ def _codes(x: np.ndarray, scale: np.ndarray, bias: np.ndarray, n_bins: np.float3
     return q
 
 
-def _sse(x: np.ndarray, scale: np.ndarray, bias: np.ndarray, n_bins: np.float32) -> np.ndarray:
-    """Per-group sum of squared errors of the codes that (scale, bias) give."""
+def _sse(x: np.ndarray, scale: np.ndarray, bias: np.ndarray, n_bins: np.float32,
+         weights: np.ndarray | None = None) -> np.ndarray:
+    """Per-group (weighted) sum of squared errors of the codes that (scale, bias) give."""
     q = _codes(x, scale, bias, n_bins)
     q *= scale[:, None]
     q += bias[:, None]
     q -= x
     q *= q
+    if weights is not None:
+        q *= weights
     return q.sum(axis=1)
 
 
@@ -132,13 +169,21 @@ def _grid(lo: np.ndarray, hi: np.ndarray, n_bins: np.float32) -> tuple[np.ndarra
     return np.maximum((hi - lo) / n_bins, _TINY), lo
 
 
-def _least_squares(x: np.ndarray, q: np.ndarray, scale: np.ndarray) -> tuple[np.ndarray, ...]:
-    """Best (scale, bias) for fixed codes q: regression of x on q, per group."""
-    q_mean = q.mean(axis=1)
-    x_mean = x.mean(axis=1)
-    qc = q - q_mean[:, None]
-    var = np.einsum("ij,ij->i", qc, qc)
-    cov = np.einsum("ij,ij->i", qc, x)
+def _least_squares(x: np.ndarray, q: np.ndarray, scale: np.ndarray,
+                   weights: np.ndarray | None = None) -> tuple[np.ndarray, ...]:
+    """Best (scale, bias) for fixed codes q: (weighted) regression of x on q, per group."""
+    if weights is None:
+        q_mean, x_mean = q.mean(axis=1), x.mean(axis=1)
+        qc = q - q_mean[:, None]
+        var = np.einsum("ij,ij->i", qc, qc)
+        cov = np.einsum("ij,ij->i", qc, x)
+    else:
+        total = weights.sum(axis=1)
+        q_mean = np.einsum("ij,ij->i", weights, q) / total
+        x_mean = np.einsum("ij,ij->i", weights, x) / total
+        qc = q - q_mean[:, None]
+        var = np.einsum("ij,ij,ij->i", weights, qc, qc)
+        cov = np.einsum("ij,ij,ij->i", weights, qc, x)
     usable = var > 0
     new_scale = np.where(usable, cov / np.where(usable, var, 1), scale)
     # Keep the grid's orientation (MLX's grid may count down from the max) and a
@@ -149,10 +194,11 @@ def _least_squares(x: np.ndarray, q: np.ndarray, scale: np.ndarray) -> tuple[np.
 
 
 def _fit_groups(
-    x: np.ndarray, bits: int, scale_dtype: str, options: FitOptions
+    x: np.ndarray, bits: int, scale_dtype: str, options: FitOptions,
+    weights: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     n_bins = np.float32((1 << bits) - 1)
-    best = _Best(x, n_bins, scale_dtype)
+    best = _Best(x, n_bins, scale_dtype, weights)
     best.offer(*affine._scale_bias(x, bits))  # MLX's own grid: never worse than mx.quantize
     lo, hi = x.min(axis=1), x.max(axis=1)
     span = hi - lo
@@ -171,6 +217,6 @@ def _fit_groups(
             best_hi = np.where(took, cand_hi, best_hi)
     for _ in range(options.refits):
         q = _codes(x, best.scale, best.bias, n_bins)
-        best.offer(*_least_squares(x, q, best.scale))
+        best.offer(*_least_squares(x, q, best.scale, weights))
     codes = _codes(x, best.scale, best.bias, n_bins).astype(np.uint8)
     return codes, best.scale, best.bias

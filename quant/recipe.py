@@ -39,6 +39,9 @@ class Rules(_Strict):
 
 class Budget(_Strict):
     target_bpw: float = DEFAULT_TARGET_BPW
+    # "output": predicted KL from input moments and class gains (sensitivity.py);
+    # "weight": the earlier objective, prior x relative weight MSE x parameters.
+    objective: Literal["output", "weight"] = "output"
     bits: list[int] = list(SUPPORTED_BITS)
     group_sizes: list[int] = list(SUPPORTED_GROUP_SIZES)
     # Sensitivity prior = class_prior[class] * exp(score_slope * (composite - median)).

@@ -1,0 +1,184 @@
+"""The output-aware objective: predicted KL of every (module, bits, group) choice.
+
+For a linear module y = W x with per-channel input second moments d_j = E[x_j^2]
+(moments.py, or an imatrix file), the expected output error of a quantized
+W_hat is, for uncorrelated channels,
+
+    E||(W - W_hat) x||^2  =  sum_ij (W - W_hat)_ij^2 d_j
+
+measured here per candidate (bits, group) with the importance-weighted group fit
+that the converter will use (fit.py), on whole rows of the weight (all of them
+for small matrices, an evenly strided sample for big ones, scaled up).
+
+How much output KL one unit of that error costs depends on where the module
+sits (a down projection writes straight into the residual stream, a key
+projection passes through a softmax). `calibrate` measures it per tensor class
+on the model's own text (numpy forward passes, npmodel.py): every module of one
+class at a time is quantized to a probe setting (plain rounding), the mean
+KL(float || quantized) of the next-token distributions is measured, and the
+class gain is KL / (summed predicted error). The knapsack
+then minimises  sum_m gain[class_m] * error_m(setting)  at the bit budget.
+Cost: (classes + 1) forward passes over the self-generated text.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import fit
+from .affine import dequantize, quantize_dequantize
+from .manifest import sig
+from .mlx_names import MlxTensor, NameMap, read_slot_rows
+from .npmodel import NpModel
+from .sources.checkpoint import Checkpoint
+
+Setting = tuple[int, int]
+PROBE: Setting = (3, 64)  # the setting classes are calibrated at
+_SAMPLE_ELEMENTS = 1 << 18  # weights per matrix the candidate errors are measured on
+_BLOCK_ELEMENTS = 1 << 22
+_EXPERT_SAMPLE = 4
+SENSITIVITY_FILE = "swan-sensitivity.json"
+
+
+@dataclass
+class Sensitivity:
+    # module -> setting -> predicted E||(W - W_hat) x||^2 summed over the module's outputs
+    errors: dict[str, dict[Setting, float]] = field(default_factory=dict)
+    # tensor class -> KL (nats per token) per unit of predicted error
+    class_gain: dict[str, float] = field(default_factory=dict)
+    moments_source: str = ""
+
+    def loss(self, module: str, tensor_class: str, setting: Setting) -> float:
+        gain = self.class_gain.get(tensor_class, self.default_gain())
+        return gain * self.errors[module][setting]
+
+    def default_gain(self) -> float:
+        gains = sorted(self.class_gain.values())
+        return gains[len(gains) // 2] if gains else 1.0
+
+    def save(self, path: str | Path) -> None:
+        data = {
+            "moments_source": self.moments_source,
+            "class_gain": dict(sorted(self.class_gain.items())),
+            "errors": {m: {f"{b}/{g}": e for (b, g), e in sorted(errs.items())}
+                       for m, errs in sorted(self.errors.items())},
+        }
+        Path(path).write_text(json.dumps(data, indent=1) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> Sensitivity:
+        data = json.loads(Path(path).read_text())
+        errors = {m: {tuple(int(v) for v in k.split("/")): e for k, e in errs.items()}
+                  for m, errs in data["errors"].items()}
+        return cls(errors=errors, class_gain=data["class_gain"],
+                   moments_source=data.get("moments_source", ""))
+
+
+def importance_of(moments: dict[str, np.ndarray], tensor: MlxTensor, slot: int
+                  ) -> np.ndarray | None:
+    """The input moments of one slot (expert) of an MLX weight, if known."""
+    m = moments.get(tensor.sources[0]) if len(tensor.sources) == 1 else None
+    if m is None:
+        return None
+    m = np.asarray(m, dtype=np.float32)
+    return m[slot] if m.ndim == 2 else m
+
+
+def _sample_rows(ckpt: Checkpoint, slot, rows: int, in_dim: int) -> tuple[np.ndarray, float]:
+    """(rows of the slot's matrix, how many matrix rows each sampled row stands for)."""
+    want = max(1, _SAMPLE_ELEMENTS // in_dim)
+    if want >= rows:
+        return read_slot_rows(ckpt, slot, 0, rows), 1.0
+    stride = rows // want
+    parts = []
+    step = max(stride, (_BLOCK_ELEMENTS // in_dim) // stride * stride)
+    for r0 in range(0, rows, step):  # stream; keep every stride-th row
+        parts.append(read_slot_rows(ckpt, slot, r0, min(rows, r0 + step))[::stride])
+    sample = np.concatenate(parts)
+    return sample, rows / sample.shape[0]
+
+
+def module_errors(ckpt: Checkpoint, tensor: MlxTensor, moments: dict[str, np.ndarray],
+                  settings: list[Setting], scale_dtype: str,
+                  options: fit.FitOptions = fit.FAST) -> dict[Setting, float]:
+    """Predicted output error of each setting for one quantizable module."""
+    rows, in_dim = tensor.shape[-2], tensor.shape[-1]
+    slots = range(len(tensor.slots))
+    if len(tensor.slots) > _EXPERT_SAMPLE:
+        slots = np.linspace(0, len(tensor.slots) - 1, _EXPERT_SAMPLE).round().astype(int)
+    totals = {s: 0.0 for s in settings}
+    for slot in slots:
+        w, weight = _sample_rows(ckpt, tensor.slots[slot], rows, in_dim)
+        imp = importance_of(moments, tensor, int(slot))
+        d = np.ones(in_dim, np.float32) if imp is None else imp
+        for bits, group in settings:
+            codes, scales, biases = fit.fit(w, bits, group, scale_dtype, options, importance=imp)
+            diff = dequantize(codes, scales, biases, group) - w
+            totals[(bits, group)] += weight * float(np.einsum("ij,ij,j->", diff, diff, d))
+    scale = len(tensor.slots) / len(slots)
+    return {s: sig(v * scale) for s, v in totals.items()}
+
+
+def candidate_errors(ckpt: Checkpoint, name_map: NameMap, moments: dict[str, np.ndarray],
+                     settings_of: dict[str, list[Setting]], progress: bool = False,
+                     ) -> dict[str, dict[Setting, float]]:
+    """module -> setting -> predicted output error, for every module in settings_of."""
+    from tqdm import tqdm
+
+    from .convert import storage_dtype
+
+    tensors = name_map.by_module()
+    out = {}
+    for module in tqdm(sorted(settings_of), desc="output errors", disable=not progress):
+        t = tensors[module]
+        out[module] = module_errors(ckpt, t, moments, settings_of[module], storage_dtype(ckpt, t))
+    return out
+
+
+def calibrate(model: NpModel, sequences: list[list[int]], name_map: NameMap,
+              moments: dict[str, np.ndarray], class_of: dict[str, str],
+              probe: Setting = PROBE, max_tokens: int = 256) -> dict[str, float]:
+    """Per tensor class: mean KL per unit of predicted output error (see module doc)."""
+    batch = _calibration_batch(sequences, max_tokens)
+    reference = _log_probs(model.forward(batch))
+    by_class: dict[str, list[MlxTensor]] = {}
+    for t in name_map.quantizable():
+        if (t.module in class_of and t.shape[-1] % probe[1] == 0 and len(t.slots) == 1
+                and t.key in model.w):
+            by_class.setdefault(class_of[t.module], []).append(t)
+    gains = {}
+    for cls, tensors in sorted(by_class.items()):
+        saved, predicted = {}, 0.0
+        for t in tensors:
+            w = model.w[t.key]
+            q = quantize_dequantize(w, probe[0], probe[1])
+            diff = q - w
+            imp = importance_of(moments, t, 0)
+            d = np.ones(diff.shape[-1], np.float32) if imp is None else imp
+            predicted += float(np.einsum("ij,ij,j->", diff, diff, d))
+            saved[t.key] = w
+            model.w[t.key] = q
+        try:
+            quant = _log_probs(model.forward(batch))
+        finally:
+            model.w.update(saved)
+        kl = float(np.mean(np.sum(np.exp(reference) * (reference - quant), axis=-1)))
+        if predicted > 0:
+            gains[cls] = sig(max(kl, 0.0) / predicted, 3)
+    return gains
+
+
+def _calibration_batch(sequences: list[list[int]], max_tokens: int) -> np.ndarray:
+    """Equal-length windows cut from the self-generated conversations."""
+    length = min(128, min(len(s) for s in sequences))
+    rows = [s[:length] for s in sequences][: max(1, max_tokens // length)]
+    return np.array(rows, dtype=np.int64)
+
+
+def _log_probs(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
