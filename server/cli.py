@@ -145,6 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: tensor)")
     add("--step-timeout", type=float, default=60.0, metavar="SECONDS",
         help="under mlx.launch: a rank silent for this long ends the group (default: 60)")
+    add("--response-store-size", type=int, default=256, metavar="N",
+        help="Responses API: how many responses are kept for previous_response_id and "
+        "GET /v1/responses/{id}; the least recently used go first (default: 256)")
     add("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     add("--access-log", action="store_true", help="log every HTTP request")
     return parser
@@ -202,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
             prefix_cache_bytes=args.prefix_cache_bytes,
             prefix_cache_dir=args.prefix_cache_dir or prefix_cache_dir_from_env(),
             log_level=args.log_level,
+            response_store_size=args.response_store_size,
         )
     except MODEL_ERRORS as exc:
         return _fail(str(exc))

@@ -51,6 +51,8 @@ class ServerSettings(BaseModel):
     # None: the prefix cache lives in memory only.
     prefix_cache_dir: Path | None = Field(default_factory=lambda: prefix_cache_dir_from_env())
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # Responses API: how many stored responses `previous_response_id` can continue.
+    response_store_size: int = Field(256, ge=0)
 
     @property
     def model_id(self) -> str:

@@ -171,6 +171,8 @@ class ChoiceState:
     finish_reason: str | None = None
     stop_string: str | None = None
     tokens: int = 0
+    # Tokens of deltas that were only reasoning (a delta is usually one token).
+    reasoning_tokens: int = 0
 
     def apply(self, delta: Delta) -> ParsedDelta:
         parsed = self.parser.feed(delta.text)
@@ -185,6 +187,8 @@ class ChoiceState:
         self.tool_calls += parsed.tool_calls
         self.logprobs += delta.logprobs or []
         self.tokens += delta.num_tokens
+        if parsed.reasoning and not (parsed.content or parsed.tool_calls):
+            self.reasoning_tokens += delta.num_tokens
         return parsed
 
 
