@@ -11,8 +11,15 @@ from collections.abc import Iterator
 import openai
 import pytest
 from server_process import ServerProcess
-from tool_model import ANSWER, CALL_ARGUMENTS, QUESTION, REASONING, TOOL_RESULT, WEATHER_TOOL
-from tool_model import cached_tool_model
+from tool_model import (
+    ANSWER,
+    CALL_ARGUMENTS,
+    QUESTION,
+    REASONING,
+    TOOL_RESULT,
+    WEATHER_TOOL,
+    cached_tool_model,
+)
 
 WEATHER = {"type": "function", **WEATHER_TOOL["function"]}
 

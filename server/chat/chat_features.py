@@ -21,6 +21,7 @@ from ..parsers import (
     opened_in_prompt,
     resolve_format,
 )
+from .declared_calls import declared_calls_grammar, no_calls_grammar
 from .grammar import (
     CompiledGrammar,
     ConstrainedDecoding,
@@ -33,7 +34,6 @@ from .grammar import (
 from .structured import ResponseFormatError, response_format_grammar, response_schema
 from .tool_choice import (
     BanTokens,
-    StopAfterFirstCall,
     ToolChoice,
     ToolChoiceError,
     calls_rules,
@@ -145,41 +145,46 @@ class ChatFeatures:
         it raises FeatureError for schemas that cannot be enforced.
 
         A reasoning block before a forced answer may use half of max_tokens."""
-        grammar = self._grammar(tools)
-        start = self.reasoning_start(prompt)
-        fmt = self.tool_format
-        ban = close = None
-        if fmt is not None and tools.tools and tools.choice.mode == "none":
-            # Asked not to call the tools it was given (a request without tools is left
-            # alone: processors on any sequence slow the whole batch's step down).
-            ban = self.grammar.single_token(fmt.start)
-        if (fmt is not None and fmt.end is not None and tools.choice.mode == "auto"
-                and tools.tools and not tools.parallel and grammar is None):
-            close = self.tokenizer.encode(fmt.end, add_special_tokens=False)
-        if grammar is None and ban is None and not close:
+        ban = self._banned_opening(tools)
+        grammar = self._grammar(tools, ban)
+        if grammar is None and ban is None:
             return None
+        start = self.reasoning_start(prompt)
         phase = {"open": Phase.REASONING, "free": Phase.MAY_THINK}.get(start, Phase.GRAMMAR)
         think = self.think_tokens
-        think_pair = (think.start, think.end) if think else None
+        # A forced answer must come, so its reasoning gets a budget; free text keeps it free.
+        budget = max_tokens // 2 if tools.choice.forced or tools.schema is not None else None
 
         def make() -> list[LogitsProcessor]:
             made: list[LogitsProcessor] = []
             if grammar is not None:
-                made.append(ConstrainedDecoding(grammar, phase, think, max_tokens // 2))
+                made.append(ConstrainedDecoding(grammar, phase, think, budget))
             if ban is not None:
                 made.append(BanTokens([ban]))
-            if close:
-                made.append(StopAfterFirstCall(close, self.grammar.eos_ids, think_pair,
-                                               start == "open"))
             return made
 
         return make
 
-    def _grammar(self, tools: RequestTools) -> CompiledGrammar | None:
+    def _banned_opening(self, tools: RequestTools) -> int | None:
+        """tool_choice "none" with tools: the call's opening marker when it is one token
+        (several tokens are excluded by a grammar instead). A request without tools is
+        left alone: processors on any sequence slow the whole batch's step down."""
+        fmt = self.tool_format
+        if fmt is None or not tools.tools or tools.choice.mode != "none":
+            return None
+        return self.grammar.single_token(fmt.start)
+
+    def _grammar(self, tools: RequestTools, banned: int | None) -> CompiledGrammar | None:
         fmt = self.tool_format
         choice = tools.choice
         try:
-            if choice.forced:
+            if fmt is not None and tools.tools and tools.schema is None and \
+                    choice.mode == "auto":
+                lark = declared_calls_grammar(fmt, tools.tools, tools.parallel,
+                                              self.grammar.marker)
+            elif fmt is not None and tools.tools and choice.mode == "none" and banned is None:
+                lark = no_calls_grammar(fmt)
+            elif choice.forced:
                 assert fmt is not None
                 lark = forced_calls_grammar(fmt, tools.tools, choice, tools.parallel,
                                             self.grammar.marker)
@@ -194,5 +199,5 @@ class ChatFeatures:
                 return None
             return compile_grammar(self.grammar, lark)
         except GrammarError as exc:
-            param = "tools" if choice.forced else "response_format"
+            param = "response_format" if tools.schema is not None else "tools"
             raise FeatureError(f"The {param} schema cannot be enforced: {exc}", param) from None
