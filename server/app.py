@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
+from types import FrameType
 from typing import TYPE_CHECKING
 
+import uvicorn
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -99,3 +102,19 @@ def create_app(
     )
     app.state.context = context
     return app
+
+
+class Server(uvicorn.Server):
+    """uvicorn's server, which on SIGINT / SIGTERM first ends every open stream with an error
+    event in its API's shape (rather than cutting it when the graceful period runs out)."""
+
+    async def serve(self, sockets: list | None = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().serve(sockets)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        app = self.config.app
+        loop = getattr(self, "_loop", None)
+        if loop is not None and isinstance(app, Starlette):
+            loop.call_soon_threadsafe(stop_streams, app.state.context)
+        super().handle_exit(sig, frame)

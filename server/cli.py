@@ -288,11 +288,11 @@ def serve(
 ) -> int:
     import uvicorn
 
-    from .app import create_app
+    from .app import Server, create_app
 
     logging.basicConfig(level=settings.log_level.upper(), format=_log_format(distributed))
     failures: list[str] = []
-    server: uvicorn.Server | None = None
+    server: Server | None = None
 
     def on_engine_failure(message: str) -> None:
         failures.append(message)
@@ -304,7 +304,7 @@ def serve(
     config = uvicorn.Config(app, host=settings.host, port=settings.port,
                             log_level=settings.log_level, access_log=access_log,
                             timeout_graceful_shutdown=5)
-    server = uvicorn.Server(config)
+    server = Server(config)
     server.run()
     if failures:
         print(f"swan-serve: error: {failures[0]}", file=sys.stderr)

@@ -54,7 +54,8 @@ def sampling_params(request: _Request, limits: Limits) -> SamplingParams:
         top_p=float(pick("top_p")),
         top_k=max(int(pick("top_k")), 0),
         min_p=float(pick("min_p")),
-        seed=request.seed,
+        # Any int64 (OpenAI's -1 included) as the sampler's unsigned 64-bit key.
+        seed=None if request.seed is None else request.seed % 2**64,
         presence_penalty=request.presence_penalty or 0.0,
         frequency_penalty=request.frequency_penalty or 0.0,
         repetition_penalty=float(pick("repetition_penalty")),
