@@ -31,6 +31,7 @@ from .grammar import (
     ThinkTokens,
     compile_grammar,
 )
+from .schema_bounds import bounded, bounded_tools
 from .structured import ResponseFormatError, response_format_grammar, response_schema
 from .tool_choice import (
     BanTokens,
@@ -174,9 +175,13 @@ class ChatFeatures:
             return None
         return self.grammar.single_token(fmt.start)
 
-    def _grammar(self, tools: RequestTools, banned: int | None) -> CompiledGrammar | None:
+    def _grammar(self, request_tools: RequestTools, banned: int | None
+                 ) -> CompiledGrammar | None:
         fmt = self.tool_format
-        choice = tools.choice
+        choice = request_tools.choice
+        # The grammar bounds what the schemas leave unbounded, so constrained output ends.
+        tools = RequestTools(bounded_tools(request_tools.tools), choice,
+                             request_tools.parallel, bounded(request_tools.schema))
         try:
             if fmt is not None and tools.tools and tools.schema is None and \
                     choice.mode == "auto":
