@@ -96,7 +96,7 @@ def test_malformed_bodies_get_4xx_not_5xx(tiny_checkpoint) -> None:
         with ThreadPoolExecutor(8) as pool:
             answers = list(pool.map(lambda case: _post(server.base_url, case), cases))
         failures = [(path, status, body[:300], raw[:300])
-                    for (path, status, body), (_, raw, _) in zip(answers, cases)
+                    for (path, status, body), (_, raw, _) in zip(answers, cases, strict=True)
                     if status >= 500]
         assert failures == []
         assert server.health() == (200, {"status": "ok"})

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hmac
 import logging
 import re
+import time
 import uuid
 
 from starlette.datastructures import Headers, MutableHeaders
@@ -38,7 +39,9 @@ class RequestContextMiddleware:
             return
         given = Headers(scope=scope).get("x-request-id", "")
         request_id = given if _CLIENT_REQUEST_ID.match(given) else uuid.uuid4().hex
-        scope.setdefault("state", {})["request_id"] = request_id
+        state = scope.setdefault("state", {})
+        state["request_id"] = request_id
+        state["received"] = time.perf_counter()
         status = 500
         started = False
 

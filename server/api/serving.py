@@ -139,6 +139,9 @@ async def start_chat(request: Request, ctx: ServerContext, req: ChatRequest) -> 
     specs = build_specs(req, [prompt], logprobs, ctx.limits(), processors, chat_turn=True)
     parsers = features.parser_factory(tools, prompt)
     handle = ctx.engine.submit(request.state.request_id, specs, len(prompt))
+    received = getattr(request.state, "received", None)
+    if received is not None:
+        ctx.engine.metrics.count_adapter(request.url.path, time.perf_counter() - received)
     return ChatRun(handle, parsers, tools)
 
 
