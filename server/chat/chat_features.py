@@ -10,6 +10,7 @@ Built once per model (`ChatFeatures.for_tokenizer`), asked three things per requ
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -44,6 +45,8 @@ from .tool_choice import (
 )
 
 LogitsProcessor = Callable[[Any, Any], Any]
+# Compiled grammars kept for requests that send the same tools or schema again.
+_GRAMMAR_CACHE_SIZE = 64
 # Prompt tokens decoded to see whether the template opened or closed a reasoning block.
 _PROMPT_TAIL_TOKENS = 24
 
@@ -73,6 +76,8 @@ class ChatFeatures:
         self.tool_format = tool_format
         self.think = think
         self.grammar = grammar
+        self._grammar_cache: dict[str, CompiledGrammar] = {}  # insertion order = LRU order
+        self._cache_lock = threading.Lock()
         self.think_tokens: ThinkTokens | None = None
         if think is not None:
             start, end = (grammar.single_token(m) for m in think)
@@ -90,6 +95,19 @@ class ChatFeatures:
             think = (tokenizer.think_start, tokenizer.think_end)
         eos = sorted(getattr(tokenizer, "eos_token_ids", None) or [tokenizer.eos_token_id])
         return cls(tokenizer, fmt, think, GrammarTokenizer(tokenizer, vocab_size, eos))
+
+    def _compiled(self, lark: str) -> CompiledGrammar:
+        """Agents send the same tools every turn: their grammar is compiled once (a few
+        tens of ms for a handful of tools) and kept, least recently used out."""
+        with self._cache_lock:
+            compiled = self._grammar_cache.pop(lark, None)
+        if compiled is None:
+            compiled = compile_grammar(self.grammar, lark)
+        with self._cache_lock:
+            self._grammar_cache[lark] = compiled
+            while len(self._grammar_cache) > _GRAMMAR_CACHE_SIZE:
+                self._grammar_cache.pop(next(iter(self._grammar_cache)))
+        return compiled
 
     def warm_up(self) -> None:
         """Builds llguidance's tokenizer now (about 1 s for 150k tokens), not on the first
@@ -202,7 +220,7 @@ class ChatFeatures:
                 lark = response_format_grammar(tools.schema, calls)
             else:
                 return None
-            return compile_grammar(self.grammar, lark)
+            return self._compiled(lark)
         except GrammarError as exc:
             param = "response_format" if tools.schema is not None else "tools"
             raise FeatureError(f"The {param} schema cannot be enforced: {exc}", param) from None
