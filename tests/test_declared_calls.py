@@ -156,6 +156,11 @@ def test_other_routes_and_none(server: ServerProcess) -> None:
         logit_bias={str(OPENING): 50.0})
     assert not none.choices[0].message.tool_calls
     assert "<tool_call>" not in (none.choices[0].message.content or "")
+    # No tools at all: nothing may be called, so no call text lands in the content either.
+    bare = client.chat.completions.create(
+        model="random", messages=[{"role": "user", "content": "Hi."}], temperature=1.0,
+        seed=1, max_tokens=20, logit_bias={str(OPENING): 50.0})
+    assert "<tool_call>" not in (bare.choices[0].message.content or "")
     messages = anthropic.Anthropic(base_url=server.base_url, api_key="x", max_retries=0)
     tools = [{"name": t["function"]["name"], "input_schema": t["function"]["parameters"]}
              for t in BOUNDED_TOOLS]

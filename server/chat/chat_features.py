@@ -185,12 +185,15 @@ class ChatFeatures:
         return make
 
     def _banned_opening(self, tools: RequestTools) -> int | None:
-        """tool_choice "none" with tools: the call's opening marker when it is one token
-        (several tokens are excluded by a grammar instead). A request without tools is
-        left alone: processors on any sequence slow the whole batch's step down."""
+        """The call's opening marker, when the model may not call anything (tool_choice
+        "none", or no tools at all: a model trained to call tools would otherwise write a
+        call of a function nobody declared into its content) and the marker is one token.
+        With tools and "none", several tokens are excluded by a grammar instead."""
         fmt = self.tool_format
-        if fmt is None or not tools.tools or tools.choice.mode != "none":
+        if fmt is None or (tools.tools and tools.choice.mode != "none"):
             return None
+        if tools.schema is not None:
+            return None  # the response_format grammar already decides every token
         return self.grammar.single_token(fmt.start)
 
     def _grammar(self, request_tools: RequestTools, banned: int | None
