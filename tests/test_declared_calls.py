@@ -30,12 +30,15 @@ from swan_serve.server.parsers.registry import FORMATS
 SCHEMAS = {t["function"]["name"]: t["function"]["parameters"] for t in BOUNDED_TOOLS}
 OPENING = 5  # <tool_call> in the fixtures' small tokenizer
 REQUESTS_PER_FORMAT = 101
+# Smaller than the factory's default: 200 sampled requests must stay quick.
+TINY = {"hidden_size": 64, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 32,
+        "intermediate_size": 128, "num_hidden_layers": 1}
 
 
 @pytest.fixture(scope="module")
 def random_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_checkpoint(tmp_path_factory.mktemp("declared") / "model", "qwen3",
-                            tokenizer="small", seed=11)
+                            tokenizer="small", seed=11, dtype="float32", overrides=TINY)
 
 
 @pytest.fixture(scope="module")
