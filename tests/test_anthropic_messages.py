@@ -36,8 +36,9 @@ def client() -> Iterator[anthropic.Anthropic]:
 
 
 def _ask(client: anthropic.Anthropic, messages: list[dict], **kwargs: object):
-    return client.messages.create(model="tool-model", max_tokens=120, messages=messages,
-                                  tools=[WEATHER], extra_body={"temperature": 0}, **kwargs)
+    kwargs = {"max_tokens": 120, "extra_body": {"temperature": 0}, **kwargs}
+    return client.messages.create(model="tool-model", messages=messages, tools=[WEATHER],
+                                  **kwargs)
 
 
 def test_tool_round_trip(client: anthropic.Anthropic) -> None:
@@ -149,3 +150,9 @@ def test_errors_in_anthropic_shape(client: anthropic.Anthropic) -> None:
     reply = bearer.messages.create(model="tool-model", max_tokens=2,
                                    messages=[{"role": "user", "content": "x"}])
     assert reply.usage.output_tokens <= 2
+
+
+def test_max_tokens_past_the_context_is_a_cap(client: anthropic.Anthropic) -> None:
+    # Claude Code asks for 32,000 tokens whatever the model's context holds.
+    reply = _ask(client, [{"role": "user", "content": QUESTION}], max_tokens=10**6)
+    assert reply.stop_reason == "tool_use"

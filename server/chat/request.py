@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
 from ..api.errors import invalid
 
@@ -82,3 +82,10 @@ class ChatRequest(Generation):
     parallel_tool_calls: bool | None = None
     response_format: dict[str, Any] | None = None
     chat_template_kwargs: dict[str, Any] | None = None
+    # Set by adapters whose API treats max_tokens as a cap, not a promise (Anthropic:
+    # Claude Code asks for 32k whatever the context holds); never read from a body.
+    _max_tokens_is_cap: bool = PrivateAttr(default=False)
+
+    @property
+    def max_tokens_is_cap(self) -> bool:
+        return self._max_tokens_is_cap

@@ -94,6 +94,8 @@ def max_new_tokens(request: _Request, prompt_len: int, limits: Limits) -> int:
     if explicit is None:
         return limits.max_tokens_default if room is None else min(limits.max_tokens_default, room)
     if room is not None and explicit > room:
+        if getattr(request, "max_tokens_is_cap", False):
+            return room
         raise invalid(
             f"{param} is too large: {explicit}. This model's maximum context length is "
             f"{limits.context_length} tokens and the prompt has {prompt_len}, so at most "
