@@ -106,10 +106,11 @@ def input_messages(items: str | list[dict[str, Any]]) -> list[ChatMessage]:
                                        reasoning_content=reasoning))
                 reasoning = None
         elif kind == "function_call_output":
-            call_id, output = item.get("call_id"), item.get("output")
-            if not isinstance(call_id, str) or not isinstance(output, str):
-                raise invalid("A function_call_output needs 'call_id' and 'output' strings.",
-                              where)
+            call_id = item.get("call_id")
+            if not isinstance(call_id, str):
+                raise invalid("A function_call_output needs a 'call_id' string.", where)
+            # The output is a string, or text parts (as newer clients send it).
+            output = _item_text(item.get("output"), where)
             out.append(ChatMessage(role="tool", tool_call_id=call_id, content=output))
         elif kind == "reasoning":
             reasoning = _reasoning_text(item)
