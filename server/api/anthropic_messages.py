@@ -129,18 +129,16 @@ def to_chat_request(req: MessagesRequest) -> ChatRequest:
     if req.thinking is not None:
         kwargs["enable_thinking"] = req.thinking.type != "disabled"
     choice = req.tool_choice
-    chat = ChatRequest(
+    # Anthropic clients ask for a fixed max_tokens (Claude Code: 32,000) whatever the
+    # context holds: it is a cap, generation stops where the context ends.
+    return ChatRequest(
         model=req.model, messages=messages, max_tokens=req.max_tokens,
         temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
         stop=req.stop_sequences, tools=tools or None,
         tool_choice=_tool_choice(choice) if tools or choice else None,
         parallel_tool_calls=False if choice and choice.disable_parallel_tool_use else None,
         chat_template_kwargs=kwargs or None,
-    )
-    # Anthropic clients ask for a fixed max_tokens (Claude Code: 32,000) whatever the
-    # context holds: it is a cap, generation stops where the context ends.
-    chat._max_tokens_is_cap = True
-    return chat
+    ).with_max_tokens_as_cap()
 
 
 def _tool_choice(choice: ToolChoice | None) -> str | dict[str, Any]:

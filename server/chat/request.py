@@ -89,3 +89,7 @@ class ChatRequest(Generation):
     @property
     def max_tokens_is_cap(self) -> bool:
         return self._max_tokens_is_cap
+
+    def with_max_tokens_as_cap(self) -> ChatRequest:
+        self._max_tokens_is_cap = True
+        return self
