@@ -200,9 +200,12 @@ class ChatFeatures:
                  ) -> CompiledGrammar | None:
         fmt = self.tool_format
         choice = request_tools.choice
-        # The grammar bounds what the schemas leave unbounded, so constrained output ends.
-        tools = RequestTools(bounded_tools(request_tools.tools), choice,
-                             request_tools.parallel, bounded(request_tools.schema))
+        # A forced answer (a forced call, response_format) gets bounds where its schema has
+        # none, so it ends. Calls the model opens by itself in "auto" keep the schemas as
+        # sent: there a long string is the model's choice (an agent writing a whole file).
+        tools = RequestTools(
+            bounded_tools(request_tools.tools) if choice.forced else request_tools.tools,
+            choice, request_tools.parallel, bounded(request_tools.schema))
         try:
             if fmt is not None and tools.tools and tools.schema is None and \
                     choice.mode == "auto":
