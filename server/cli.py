@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
-from swan_serve import DEMO_MODEL_DIR
+from swan_serve import DEMO_MODEL_DIR, __version__
 from swan_serve.quant.build import BuildError, BuildOptions, prepare_build
 from swan_serve.quant.cache import CacheError
 from swan_serve.quant.progress import ProgressCallback
@@ -78,6 +78,8 @@ def _log_line(message: str) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="swan-serve",
+        # "--max-tokens 8192" must never silently mean --max-tokens-default's abbreviation.
+        allow_abbrev=False,
         description="Quantize a model once (SWAN, cached) and serve it over an "
         "OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models, "
         "/health, /metrics).",
@@ -87,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="Hugging Face repo id or local directory (default: the bundled demo model); "
         "an unquantized model is quantized once into the cache, an MLX quantized one is "
         "served as it is")
+    add("--model", dest="model_flag", metavar="MODEL",
+        help="the same as the positional MODEL (as vLLM and vMLX spell it)")
+    add("--version", action="version", version=f"swan-serve {__version__}")
     add("--target-bpw", type=float, default=4.5,
         help="bits per weight the quantizer aims at, scales and biases counted (default: 4.5)")
     add("--recipe", default="budget",
@@ -116,10 +121,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="sequences that may wait for a batch slot; beyond it requests get 429 (default: 64)")
     add("--cors-origin", action="append", default=[], metavar="ORIGIN",
         help="allow browser requests from ORIGIN (repeatable; CORS is off by default)")
-    add("--served-model-name", action="append", default=[], metavar="NAME",
+    add("--served-model-name", action="extend", nargs="+", default=[], metavar="NAME",
         help="model id(s) clients use; the first is reported (repeatable; default: MODEL "
         "as given and its last path part, or 'demo' for the bundled demo model)")
-    add("--max-tokens-default", type=int, default=512,
+    add("--max-tokens-default", "--max-tokens", dest="max_tokens_default", type=int,
+        default=512,
         help="max_tokens when a request gives none (default: 512)")
     add("--max-model-len", type=int, help="context length (default: from the model config)")
     add("--max-n", type=int, default=8, help="largest n a request may ask for (default: 8)")
@@ -159,7 +165,20 @@ def build_parser() -> argparse.ArgumentParser:
         "the model)")
     add("--prefix-cache-disk-bytes", type=_byte_size, default=16 * 2**30, metavar="SIZE",
         help="disk space for prefix-cache states under --prefix-cache-dir (default: 16GiB)")
-    add("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    add("--response-store-size", type=int, default=256, metavar="N",
+        help="Responses API: how many responses are kept for previous_response_id and "
+        "GET /v1/responses/{id}; the least recently used go first (default: 256)")
+    add("--log-level", default="info", type=str.lower,
+        choices=["debug", "info", "warning", "error"], help="in any case (default: info)")
+    add("--chat-template", metavar="FILE",
+        help="a Jinja chat template file that replaces the model's own")
+    add("--trust-remote-code", action="store_true",
+        help="accepted for compatibility; no model code is ever run here: architectures come "
+        "from mlx-lm")
+    for flag, what in (("--continuous-batching", "continuous batching"),
+                       ("--enable-prefix-cache", "the prefix cache"),
+                       ("--enable-auto-tool-choice", "tool_choice auto")):
+        add(flag, action="store_true", help=f"accepted for compatibility: {what} is always on")
     add("--access-log", action="store_true", help="log every HTTP request")
     return parser
 
@@ -181,6 +200,10 @@ def _served_names(args: argparse.Namespace) -> tuple[str, ...]:
     return tuple(dict.fromkeys(n for n in names if n))
 
 
+def _read_chat_template(path: str | None) -> str | None:
+    return None if path is None else Path(path).expanduser().read_text()
+
+
 def _fail(message: str) -> int:
     print(f"swan-serve: error: {message}", file=sys.stderr)
     return 2
@@ -188,6 +211,14 @@ def _fail(message: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.model_flag is not None:
+        if args.model is not None and args.model != args.model_flag:
+            return _fail(f"MODEL given twice: '{args.model}' and --model '{args.model_flag}'")
+        args.model = args.model_flag
+    try:
+        chat_template = _read_chat_template(args.chat_template)
+    except OSError as exc:
+        return _fail(f"--chat-template: cannot read {args.chat_template}: {exc.strerror}")
     if args.step_timeout <= 0:
         return _fail("--step-timeout: must be positive")
     from .engine.group import init_group
@@ -220,6 +251,8 @@ def main(argv: list[str] | None = None) -> int:
             max_kv_bytes=args.max_kv_bytes,
             prefix_cache_disk_bytes=args.prefix_cache_disk_bytes,
             log_level=args.log_level,
+            response_store_size=args.response_store_size,
+            chat_template=chat_template,
         )
     except MODEL_ERRORS as exc:
         return _fail(str(exc))
@@ -273,11 +306,11 @@ def serve(
 ) -> int:
     import uvicorn
 
-    from .app import create_app
+    from .app import Server, create_app
 
     logging.basicConfig(level=settings.log_level.upper(), format=_log_format(distributed))
     failures: list[str] = []
-    server: uvicorn.Server | None = None
+    server: Server | None = None
 
     def on_engine_failure(message: str) -> None:
         failures.append(message)
@@ -289,7 +322,7 @@ def serve(
     config = uvicorn.Config(app, host=settings.host, port=settings.port,
                             log_level=settings.log_level, access_log=access_log,
                             timeout_graceful_shutdown=5)
-    server = uvicorn.Server(config)
+    server = Server(config)
     server.run()
     if failures:
         print(f"swan-serve: error: {failures[0]}", file=sys.stderr)

@@ -136,6 +136,14 @@ class ServerMetrics:
             "swan_prefix_lookahead_tokens_total",
             "Turn-separator tokens computed ahead onto finished chat turns while idle.",
         )
+        self.adapter_seconds = Counter(
+            "swan_request_to_engine_seconds_total",
+            "Time from a chat request's arrival to its submission to the engine (body, "
+            "translation, prompt, constraints), by API route.",
+        )
+        self.adapter_requests = Counter(
+            "swan_request_to_engine_total", "Chat requests submitted to the engine, by route."
+        )
         self.ttft = Histogram(
             "swan_time_to_first_token_seconds", "Request arrival to first token.",
             _LATENCY_BUCKETS,
@@ -173,6 +181,11 @@ class ServerMetrics:
                 self.prefix_cache_hit_tokens.inc(cached_tokens)
             else:
                 self.prefix_cache_misses.inc()
+
+    def count_adapter(self, route: str, seconds: float) -> None:
+        with self._lock:
+            self.adapter_seconds.inc(seconds, route=route)
+            self.adapter_requests.inc(route=route)
 
     def count_prefix_eviction(self) -> None:
         with self._lock:
@@ -213,7 +226,8 @@ class ServerMetrics:
             self.prefix_cache_queries, self.prefix_cache_hits, self.prefix_cache_misses,
             self.prefix_cache_hit_tokens, self.prefix_cache_evictions,
             self.prefix_cache_tier_hits, self.prefix_cache_spills, self.prefix_cache_load_seconds,
-            self.prefix_lookahead_tokens, self.ttft, self.tpot, self.latency,
+            self.prefix_lookahead_tokens, self.adapter_seconds, self.adapter_requests,
+            self.ttft, self.tpot, self.latency,
         ]
         with self._lock:
             lines = [line for family in families for line in family.lines()]

@@ -60,6 +60,10 @@ class ServerSettings(BaseModel):
     # Bytes the prefix cache may keep on disk under prefix_cache_dir.
     prefix_cache_disk_bytes: int = Field(16 * 2**30, ge=0)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # Responses API: how many stored responses `previous_response_id` can continue.
+    response_store_size: int = Field(256, ge=0)
+    # A Jinja chat template that replaces the model's own (--chat-template).
+    chat_template: str | None = None
 
     @property
     def model_id(self) -> str:

@@ -11,7 +11,7 @@ import pytest
 from parser_helpers import run, small_tokenizer
 
 from swan_serve.quant.fixtures.tokenizer import CHAT_TEMPLATE
-from swan_serve.server.api.protocol import ChatMessage
+from swan_serve.server.chat.request import ChatMessage
 from swan_serve.server.chat.tool_messages import MessageError, template_messages
 from swan_serve.server.parsers import (
     CHOICES,

@@ -14,7 +14,8 @@ from parser_helpers import BOUNDED_TOOLS
 from transformers import AddedToken
 
 from swan_serve.quant.fixtures.tokenizer import qwen3_tokenizer_dir, shared_dir
-from swan_serve.server.api import protocol as p
+from swan_serve.server.api import openai_chat as p
+from swan_serve.server.api.wire import parse_request
 from swan_serve.server.chat.prompt_tokens import PromptEncoder
 from swan_serve.server.chat.prompts import chat_prompt
 
@@ -100,7 +101,7 @@ def test_a_tokenizer_whose_added_tokens_strip_whitespace_is_tokenized_whole(
     assert encoder.cached_tokens == 0
     # A chat prompt then comes from the template's own tokenization.
     messages = CONVERSATIONS[1]
-    request = p.parse_request(p.ChatCompletionRequest,
+    request = parse_request(p.ChatCompletionRequest,
                               json.dumps({"model": "m", "messages": messages}).encode())
     assert chat_prompt(tokenizer, encoder, request) == list(tokenizer.apply_chat_template(
         messages, add_generation_prompt=True, tokenize=True))

@@ -11,14 +11,14 @@ import pytest
 from tokenizers import Tokenizer
 
 from swan_serve.server.api.errors import APIError
-from swan_serve.server.api.protocol import (
+from swan_serve.server.api.openai_chat import (
     ChatChunkChoice,
     ChatCompletionChunk,
     ChatCompletionRequest,
     ChatDelta,
-    parse_request,
 )
-from swan_serve.server.api.responses import _TextChunks
+from swan_serve.server.api.wire import TextChunks as _TextChunks
+from swan_serve.server.api.wire import parse_request
 from swan_serve.server.chat.textstream import IncrementalDecoder, SequenceText, StopMatcher
 from swan_serve.server.engine.generation import SamplingParams
 from swan_serve.server.engine.sampling import make_sampler

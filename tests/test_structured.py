@@ -22,6 +22,7 @@ from swan_serve.server.chat.grammar import (
     compile_grammar,
 )
 from swan_serve.server.chat.structured import response_format_grammar
+from swan_serve.server.chat.tool_choice import BanTokens
 from swan_serve.server.parsers.json_scan import JsonScanner
 
 ALARM = {"type": "object",
@@ -145,9 +146,14 @@ def test_unusable_formats_are_refused(engine: Engine, feats: ChatFeatures,
     assert info.value.param == param
 
 
-def test_text_format_constrains_nothing(engine: Engine, feats: ChatFeatures) -> None:
+def test_text_format_constrains_nothing_but_a_call(engine: Engine, feats: ChatFeatures) -> None:
+    # No grammar; with no tools declared only the call's opening token is banned.
     request = ask({"type": "text"})
-    assert feats.processors(feats.check_request(request), prompt(engine), 16) is None
+    make = feats.processors(feats.check_request(request), prompt(engine), 16)
+    [ban] = make()
+    assert isinstance(ban, BanTokens)
+    opening = engine.tokenizer.convert_tokens_to_ids("<tool_call>")
+    assert ban(mx.array([1]), mx.zeros((1, 1024)))[0, opening].item() == -float("inf")
 
 
 def test_padded_vocabulary_columns_are_never_allowed(feats: ChatFeatures) -> None:

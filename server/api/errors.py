@@ -1,4 +1,9 @@
-"""OpenAI-shaped errors: the client always gets {"error": {message, type, param, code}}."""
+"""Errors in each API's own shape.
+
+OpenAI routes: {"error": {"message", "type", "param", "code"}}; Anthropic's /v1/messages:
+{"type": "error", "error": {"type", "message"}}. Code raises one APIError; where it is
+written out, the request's path picks the shape.
+"""
 
 from __future__ import annotations
 
@@ -39,16 +44,36 @@ class APIError(Exception):
         self.code = code
         self.headers = headers or {}
 
-    def body(self) -> dict:
-        return error_body(self.status, self.message, param=self.param, code=self.code)
+    def body(self, path: str = "") -> dict:
+        return error_body(self.status, self.message, param=self.param, code=self.code,
+                          path=path)
 
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+    def response(self, path: str = "") -> JSONResponse:
+        return JSONResponse(self.body(path), status_code=self.status, headers=self.headers)
+
+
+# Anthropic's error `type` per HTTP status.
+_ANTHROPIC_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    503: "overloaded_error",
+}
+
+
+def is_anthropic(path: str) -> bool:
+    return path == "/v1/messages" or path.startswith("/v1/messages/")
 
 
 def error_body(
-    status: int, message: str, *, param: str | None = None, code: str | None = None
+    status: int, message: str, *, param: str | None = None, code: str | None = None,
+    path: str = "",
 ) -> dict:
+    if is_anthropic(path):
+        return anthropic_error(status, message)
     error_type = _TYPE_BY_STATUS.get(status, "server_error" if status >= 500 else "api_error")
     return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
 
@@ -62,3 +87,9 @@ def unsupported(param: str, what: str) -> APIError:
     return APIError(
         400, f"{what} is not supported by this server.", param=param, code="unsupported_parameter"
     )
+
+
+def anthropic_error(status: int, message: str) -> dict:
+    kind = _ANTHROPIC_TYPES.get(status, "api_error" if status >= 500
+                                else "invalid_request_error")
+    return {"type": "error", "error": {"type": kind, "message": message}}

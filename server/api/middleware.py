@@ -6,6 +6,7 @@ from __future__ import annotations
 import hmac
 import logging
 import re
+import time
 import uuid
 
 from starlette.datastructures import Headers, MutableHeaders
@@ -16,7 +17,11 @@ from .errors import APIError, error_body
 
 log = logging.getLogger("swan_serve.http")
 
-_ROUTES = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics"}
+_ROUTES = {"/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/messages",
+           "/v1/messages/count_tokens", "/v1/models", "/tokenize", "/detokenize", "/health",
+           "/metrics"}
+# Outside /v1 but behind the API key too: they use the model's tokenizer.
+_KEYED_PATHS = {"/tokenize", "/detokenize"}
 _CLIENT_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
@@ -34,7 +39,9 @@ class RequestContextMiddleware:
             return
         given = Headers(scope=scope).get("x-request-id", "")
         request_id = given if _CLIENT_REQUEST_ID.match(given) else uuid.uuid4().hex
-        scope.setdefault("state", {})["request_id"] = request_id
+        state = scope.setdefault("state", {})
+        state["request_id"] = request_id
+        state["received"] = time.perf_counter()
         status = 500
         started = False
 
@@ -51,7 +58,8 @@ class RequestContextMiddleware:
         except Exception:
             log.exception("unhandled error in request %s", request_id)
             if not started:
-                body = error_body(500, "The server had an internal error.", code="internal_error")
+                body = error_body(500, "The server had an internal error.", code="internal_error",
+                                  path=scope["path"])
                 await _send_json(send_with_id, 500, body)
         finally:
             route = scope["path"] if scope["path"] in _ROUTES else "other"
@@ -59,7 +67,8 @@ class RequestContextMiddleware:
 
 
 class ApiKeyMiddleware:
-    """Bearer-token check on every /v1 route (CORS preflights pass: they carry no token)."""
+    """API key check on every /v1 route: `Authorization: Bearer KEY` (OpenAI clients) or
+    `x-api-key: KEY` (Anthropic clients). CORS preflights pass: they carry no key."""
 
     def __init__(self, app: ASGIApp, api_key: str):
         self.app = app
@@ -68,20 +77,23 @@ class ApiKeyMiddleware:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if (
             scope["type"] == "http"
-            and scope["path"].startswith("/v1")
+            and (scope["path"].startswith("/v1") or scope["path"] in _KEYED_PATHS)
             and scope["method"] != "OPTIONS"
-            and not self._authorized(Headers(scope=scope).get("authorization", ""))
+            and not self._authorized(Headers(scope=scope))
         ):
-            error = APIError(401, "Invalid or missing API key (send 'Authorization: Bearer KEY').",
-                             code="invalid_api_key",
+            error = APIError(401, "Invalid or missing API key (send 'Authorization: Bearer KEY' "
+                             "or 'x-api-key: KEY').", code="invalid_api_key",
                              headers={"WWW-Authenticate": "Bearer"})
-            await error.response()(scope, receive, send)
+            await error.response(scope["path"])(scope, receive, send)
             return
         await self.app(scope, receive, send)
 
-    def _authorized(self, header: str) -> bool:
-        scheme, _, token = header.partition(" ")
-        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self._key)
+    def _authorized(self, headers: Headers) -> bool:
+        scheme, _, token = headers.get("authorization", "").partition(" ")
+        if scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self._key):
+            return True
+        given = headers.get("x-api-key")
+        return given is not None and hmac.compare_digest(given.strip().encode(), self._key)
 
 
 async def _send_json(send: Send, status: int, body: dict) -> None:

@@ -10,6 +10,7 @@ Built once per model (`ChatFeatures.for_tokenizer`), asked three things per requ
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +22,7 @@ from ..parsers import (
     opened_in_prompt,
     resolve_format,
 )
+from .declared_calls import declared_calls_grammar, no_calls_grammar
 from .grammar import (
     CompiledGrammar,
     ConstrainedDecoding,
@@ -30,10 +32,10 @@ from .grammar import (
     ThinkTokens,
     compile_grammar,
 )
+from .schema_bounds import bounded, bounded_tools
 from .structured import ResponseFormatError, response_format_grammar, response_schema
 from .tool_choice import (
     BanTokens,
-    StopAfterFirstCall,
     ToolChoice,
     ToolChoiceError,
     calls_rules,
@@ -43,6 +45,8 @@ from .tool_choice import (
 )
 
 LogitsProcessor = Callable[[Any, Any], Any]
+# Compiled grammars kept for requests that send the same tools or schema again.
+_GRAMMAR_CACHE_SIZE = 64
 # Prompt tokens decoded to see whether the template opened or closed a reasoning block.
 _PROMPT_TAIL_TOKENS = 24
 
@@ -72,6 +76,8 @@ class ChatFeatures:
         self.tool_format = tool_format
         self.think = think
         self.grammar = grammar
+        self._grammar_cache: dict[str, CompiledGrammar] = {}  # insertion order = LRU order
+        self._cache_lock = threading.Lock()
         self.think_tokens: ThinkTokens | None = None
         if think is not None:
             start, end = (grammar.single_token(m) for m in think)
@@ -89,6 +95,19 @@ class ChatFeatures:
             think = (tokenizer.think_start, tokenizer.think_end)
         eos = sorted(getattr(tokenizer, "eos_token_ids", None) or [tokenizer.eos_token_id])
         return cls(tokenizer, fmt, think, GrammarTokenizer(tokenizer, vocab_size, eos))
+
+    def _compiled(self, lark: str) -> CompiledGrammar:
+        """Agents send the same tools every turn: their grammar is compiled once (a few
+        tens of ms for a handful of tools) and kept, least recently used out."""
+        with self._cache_lock:
+            compiled = self._grammar_cache.pop(lark, None)
+        if compiled is None:
+            compiled = compile_grammar(self.grammar, lark)
+        with self._cache_lock:
+            self._grammar_cache[lark] = compiled
+            while len(self._grammar_cache) > _GRAMMAR_CACHE_SIZE:
+                self._grammar_cache.pop(next(iter(self._grammar_cache)))
+        return compiled
 
     def warm_up(self) -> None:
         """Builds llguidance's tokenizer now (about 1 s for 150k tokens), not on the first
@@ -145,41 +164,56 @@ class ChatFeatures:
         it raises FeatureError for schemas that cannot be enforced.
 
         A reasoning block before a forced answer may use half of max_tokens."""
-        grammar = self._grammar(tools)
-        start = self.reasoning_start(prompt)
-        fmt = self.tool_format
-        ban = close = None
-        if fmt is not None and tools.tools and tools.choice.mode == "none":
-            # Asked not to call the tools it was given (a request without tools is left
-            # alone: processors on any sequence slow the whole batch's step down).
-            ban = self.grammar.single_token(fmt.start)
-        if (fmt is not None and fmt.end is not None and tools.choice.mode == "auto"
-                and tools.tools and not tools.parallel and grammar is None):
-            close = self.tokenizer.encode(fmt.end, add_special_tokens=False)
-        if grammar is None and ban is None and not close:
+        ban = self._banned_opening(tools)
+        grammar = self._grammar(tools, ban)
+        if grammar is None and ban is None:
             return None
+        start = self.reasoning_start(prompt)
         phase = {"open": Phase.REASONING, "free": Phase.MAY_THINK}.get(start, Phase.GRAMMAR)
         think = self.think_tokens
-        think_pair = (think.start, think.end) if think else None
+        # A forced answer must come, so its reasoning gets a budget; free text keeps it free.
+        budget = max_tokens // 2 if tools.choice.forced or tools.schema is not None else None
 
         def make() -> list[LogitsProcessor]:
             made: list[LogitsProcessor] = []
             if grammar is not None:
-                made.append(ConstrainedDecoding(grammar, phase, think, max_tokens // 2))
+                made.append(ConstrainedDecoding(grammar, phase, think, budget))
             if ban is not None:
                 made.append(BanTokens([ban]))
-            if close:
-                made.append(StopAfterFirstCall(close, self.grammar.eos_ids, think_pair,
-                                               start == "open"))
             return made
 
         return make
 
-    def _grammar(self, tools: RequestTools) -> CompiledGrammar | None:
+    def _banned_opening(self, tools: RequestTools) -> int | None:
+        """The call's opening marker, when the model may not call anything (tool_choice
+        "none", or no tools at all: a model trained to call tools would otherwise write a
+        call of a function nobody declared into its content) and the marker is one token.
+        With tools and "none", several tokens are excluded by a grammar instead."""
         fmt = self.tool_format
-        choice = tools.choice
+        if fmt is None or (tools.tools and tools.choice.mode != "none"):
+            return None
+        if tools.schema is not None:
+            return None  # the response_format grammar already decides every token
+        return self.grammar.single_token(fmt.start)
+
+    def _grammar(self, request_tools: RequestTools, banned: int | None
+                 ) -> CompiledGrammar | None:
+        fmt = self.tool_format
+        choice = request_tools.choice
+        # A forced answer (a forced call, response_format) gets bounds where its schema has
+        # none, so it ends. Calls the model opens by itself in "auto" keep the schemas as
+        # sent: there a long string is the model's choice (an agent writing a whole file).
+        tools = RequestTools(
+            bounded_tools(request_tools.tools) if choice.forced else request_tools.tools,
+            choice, request_tools.parallel, bounded(request_tools.schema))
         try:
-            if choice.forced:
+            if fmt is not None and tools.tools and tools.schema is None and \
+                    choice.mode == "auto":
+                lark = declared_calls_grammar(fmt, tools.tools, tools.parallel,
+                                              self.grammar.marker)
+            elif fmt is not None and tools.tools and choice.mode == "none" and banned is None:
+                lark = no_calls_grammar(fmt)
+            elif choice.forced:
                 assert fmt is not None
                 lark = forced_calls_grammar(fmt, tools.tools, choice, tools.parallel,
                                             self.grammar.marker)
@@ -192,7 +226,7 @@ class ChatFeatures:
                 lark = response_format_grammar(tools.schema, calls)
             else:
                 return None
-            return compile_grammar(self.grammar, lark)
+            return self._compiled(lark)
         except GrammarError as exc:
-            param = "tools" if choice.forced else "response_format"
+            param = "response_format" if tools.schema is not None else "tools"
             raise FeatureError(f"The {param} schema cannot be enforced: {exc}", param) from None

@@ -119,7 +119,9 @@ class ConstrainedDecoding:
     """The logits processor of one sequence (see the module docstring)."""
 
     def __init__(self, grammar: CompiledGrammar, phase: Phase,
-                 think: ThinkTokens | None = None, reasoning_budget: int = 0):
+                 think: ThinkTokens | None = None, reasoning_budget: int | None = 0):
+        """reasoning_budget: tokens a reasoning block may take before it is closed, and no
+        end of sequence inside it; None: reasoning is left free (tool_choice "auto")."""
         self._matcher = grammar.new_matcher()
         self._tokenizer = grammar.tokenizer
         self._phase = phase if think is not None else Phase.GRAMMAR
@@ -164,6 +166,8 @@ class ConstrainedDecoding:
     def _allowed(self, vocab: int) -> np.ndarray:
         """The tokens that may come next, as a boolean row over the vocabulary."""
         if self._phase is Phase.REASONING:
+            if self._budget is None:
+                return np.ones(vocab, dtype=bool)
             if self._reasoning_tokens < self._budget:
                 # Free text, but the answer must come: no ending inside the reasoning.
                 allowed = np.ones(vocab, dtype=bool)

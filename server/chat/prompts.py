@@ -6,8 +6,8 @@ import os
 from typing import Any
 
 from ..api.errors import invalid
-from ..api.protocol import ChatCompletionRequest, CompletionRequest
 from .prompt_tokens import PromptEncoder
+from .request import ChatRequest
 from .tool_messages import MessageError, template_messages
 
 # Keys a client may not override through chat_template_kwargs: they change what the
@@ -19,7 +19,7 @@ _RESERVED_TEMPLATE_KWARGS = {
 }
 
 
-def chat_prompt(tokenizer: Any, encoder: PromptEncoder, request: ChatCompletionRequest
+def chat_prompt(tokenizer: Any, encoder: PromptEncoder, request: ChatRequest
                 ) -> list[int]:
     """The request's messages through the model's chat template, as token ids: the text
     between added tokens tokenized through `encoder` (which reuses stretches seen before)
@@ -101,7 +101,7 @@ def _plain_chat(messages: list[dict[str, Any]]) -> str:
 
 
 def completion_prompts(
-    tokenizer: Any, request: CompletionRequest, vocab_size: int
+    tokenizer: Any, request: Any, vocab_size: int
 ) -> list[list[int]]:
     """One token list per prompt in the request (a string, ids, or a list of either)."""
     prompt = request.prompt

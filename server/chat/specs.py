@@ -7,10 +7,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..api.errors import invalid, unsupported
-from ..api.protocol import ChatCompletionRequest, CompletionRequest
 from ..engine.generation import SamplingParams, SequenceSpec
+from .request import ChatRequest, Generation
 
-_Request = ChatCompletionRequest | CompletionRequest
+_Request = Generation
 
 
 @dataclass(frozen=True)
@@ -22,13 +22,13 @@ class Limits:
     sampling_defaults: dict[str, float] = field(default_factory=dict)
 
 
-def check_chat_options(request: ChatCompletionRequest) -> None:
+def check_chat_options(request: ChatRequest) -> None:
     """Options we cannot honour are refused (400), never silently ignored."""
     if request.top_logprobs is not None and not request.logprobs:
         raise invalid("top_logprobs requires logprobs to be true.", "top_logprobs")
 
 
-def check_completion_options(request: CompletionRequest) -> None:
+def check_completion_options(request: Any) -> None:
     if request.echo:
         raise unsupported("echo", "echo")
     if request.suffix:
@@ -54,7 +54,8 @@ def sampling_params(request: _Request, limits: Limits) -> SamplingParams:
         top_p=float(pick("top_p")),
         top_k=max(int(pick("top_k")), 0),
         min_p=float(pick("min_p")),
-        seed=request.seed,
+        # Any int64 (OpenAI's -1 included) as the sampler's unsigned 64-bit key.
+        seed=None if request.seed is None else request.seed % 2**64,
         presence_penalty=request.presence_penalty or 0.0,
         frequency_penalty=request.frequency_penalty or 0.0,
         repetition_penalty=float(pick("repetition_penalty")),
@@ -87,12 +88,14 @@ def max_new_tokens(request: _Request, prompt_len: int, limits: Limits) -> int:
         raise invalid(
             f"This model's maximum context length is {limits.context_length} tokens; "
             f"the prompt has {prompt_len}.",
-            "messages" if isinstance(request, ChatCompletionRequest) else "prompt",
+            "messages" if isinstance(request, ChatRequest) else "prompt",
             "context_length_exceeded",
         )
     if explicit is None:
         return limits.max_tokens_default if room is None else min(limits.max_tokens_default, room)
     if room is not None and explicit > room:
+        if getattr(request, "max_tokens_is_cap", False):
+            return room
         raise invalid(
             f"{param} is too large: {explicit}. This model's maximum context length is "
             f"{limits.context_length} tokens and the prompt has {prompt_len}, so at most "

@@ -17,6 +17,7 @@ class StopMatcher:
         self._stops = stops
         self._longest = max((len(s) for s in stops), default=0)
         self._pending = ""
+        self.matched: str | None = None  # the stop string that ended the sequence
 
     def feed(self, text: str) -> tuple[str, bool]:
         """Returns (text safe to emit, whether a stop string ended the sequence)."""
@@ -26,6 +27,7 @@ class StopMatcher:
         first = min((i for i in (buffer.find(s) for s in self._stops) if i >= 0), default=-1)
         if first >= 0:
             self._pending = ""
+            self.matched = next(s for s in self._stops if buffer.startswith(s, first))
             return buffer[:first], True
         held = self._held_suffix(buffer)
         self._pending = buffer[len(buffer) - held :]
@@ -98,6 +100,11 @@ class SequenceText:
     def __init__(self, decoder: IncrementalDecoder, stops: tuple[str, ...]):
         self._decoder = decoder
         self._stops = StopMatcher(stops)
+
+    @property
+    def stop_string(self) -> str | None:
+        """The stop string that ended the sequence, if one did."""
+        return self._stops.matched
 
     def add(self, token: int) -> tuple[str, bool]:
         """Adds a generated token; returns (new text, stop string hit)."""

@@ -3,10 +3,8 @@
 - "required" / a named function: a grammar in the model's own call format forces the
   opening marker, a declared function name and arguments that satisfy its JSON schema,
   then the end of the answer (grammar.py runs it; a reasoning block may come first).
-- "none": the tools are not offered in the prompt, and the opening marker is banned when it
-  is a single token, so a model trained to call tools cannot start one anyway.
-- parallel_tool_calls=false with "auto": once the first call's closing marker is written,
-  only an end-of-sequence token may follow.
+- "auto" and "none": see declared_calls.py (calls only of declared tools; no opening
+  marker at all). A single-token opening marker is banned with `BanTokens` for "none".
 """
 
 from __future__ import annotations
@@ -128,45 +126,3 @@ class BanTokens:
     def __call__(self, _tokens: mx.array, logits: mx.array) -> mx.array:
         banned = mx.array(-mx.inf, dtype=logits.dtype)
         return logits.at[:, self._tokens].minimum(banned)
-
-
-class StopAfterFirstCall:
-    """parallel_tool_calls=false: after the first call's closing marker, only end the answer.
-
-    Watches the generated token ids for the closing marker's tokens; markers inside a
-    reasoning block do not count.
-    """
-
-    def __init__(self, closing: list[int], eos_ids: list[int], think: tuple[int, int] | None,
-                 starts_in_reasoning: bool):
-        self._closing = closing
-        self._eos = mx.array(sorted(eos_ids))
-        self._think = think
-        self._in_reasoning = starts_in_reasoning and think is not None
-        self._recent: list[int] = []
-        self._seen: int | None = None
-        self._called = False
-
-    def __call__(self, tokens: mx.array, logits: mx.array) -> mx.array:
-        length = tokens.shape[-1]
-        if self._seen is not None and length > self._seen and not self._called:
-            for token in tokens.reshape(-1)[self._seen:].tolist():
-                self._advance(int(token))
-        self._seen = length
-        if not self._called:
-            return logits
-        only_eos = mx.zeros((logits.shape[-1],), dtype=mx.bool_).at[self._eos].add(True)
-        return mx.where(only_eos, logits, mx.array(-mx.inf, dtype=logits.dtype))
-
-    def _advance(self, token: int) -> None:
-        if self._think is not None:
-            if token == self._think[0]:
-                self._in_reasoning = True
-            elif token == self._think[1]:
-                self._in_reasoning = False
-                return
-        if self._in_reasoning:
-            return
-        self._recent = (self._recent + [token])[-len(self._closing):]
-        if self._recent == self._closing:
-            self._called = True

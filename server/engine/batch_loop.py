@@ -427,7 +427,8 @@ class BatchLoop:
         logprobs = None
         if seq.spec.logprobs is not None:
             logprobs = [self._token_logprob(response.logprobs, token, seq.spec.logprobs)]
-        return Delta(seq.spec.choice, text, 1, logprobs, finish)
+        return Delta(seq.spec.choice, text, 1, logprobs, finish,
+                     seq.text.stop_string if stopped else None)
 
     def _token_logprob(self, row: mx.array, token: int, top: int) -> TokenLogprob:
         alternatives: list[tuple[str, list[int], float]] = []

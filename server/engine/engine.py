@@ -163,7 +163,8 @@ class Engine:
             if self.distributed is not None:
                 self.distributed.agree_on_model(self.model_dir, self.settings)
             loaded = load_local_model(self.model_dir, self.settings.dtype,
-                                      self.settings.max_model_len, parallel=self.distributed)
+                                      self.settings.max_model_len, parallel=self.distributed,
+                                      chat_template=self.settings.chat_template)
         except Exception as exc:
             log.exception("could not load the model from %s", self.model_dir)
             self._fail(f"could not load the model from {self.model_dir}: {exc}")

@@ -62,6 +62,8 @@ class Delta:
     num_tokens: int
     logprobs: list[TokenLogprob] | None = None
     finish_reason: str | None = None
+    # With finish_reason "stop": the stop string that ended the choice (None: a stop token).
+    stop_string: str | None = None
 
     def merge(self, later: Delta) -> None:
         self.text += later.text
@@ -69,6 +71,7 @@ class Delta:
         if later.logprobs:
             self.logprobs = (self.logprobs or []) + later.logprobs
         self.finish_reason = later.finish_reason
+        self.stop_string = later.stop_string
 
 
 class GenerationFailed(Exception):

@@ -47,13 +47,16 @@ class LoadedModel:
 
 
 def load_local_model(model_dir: Path, dtype: str, max_model_len: int | None,
-                     parallel: Distributed | None = None) -> LoadedModel:
-    """`parallel`: this process is one rank of several; it keeps only its shard."""
+                     parallel: Distributed | None = None,
+                     chat_template: str | None = None) -> LoadedModel:
+    """`parallel`: this process is one rank of several; it keeps only its shard.
+    `chat_template`: replaces the model's own (--chat-template)."""
     model, config = load_model(model_dir, lazy=True)
     if parallel is not None:
         parallel.shard(model)  # before anything is read: each rank reads only its part
     _check_batchable(model)
-    tokenizer = load_tokenizer(model_dir, eos_token_ids=config.get("eos_token_id"))
+    extra = {"chat_template": chat_template} if chat_template is not None else None
+    tokenizer = load_tokenizer(model_dir, extra, eos_token_ids=config.get("eos_token_id"))
     model_dtype = _float_param_dtype(model)
     target = choose_compute_dtype(model, dtype, model_dtype)
     if parallel is not None:  # every rank computes in rank 0's choice
