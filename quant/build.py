@@ -154,8 +154,10 @@ def quantize_model(
     from .npmodel import supports
 
     # The output objective runs the model in numpy (dense Llama-family only for now);
-    # other architectures keep the weight objective.
-    if recipe.mode == "budget" and recipe.budget.objective == "output" and supports(ckpt.config):
+    # other architectures keep the weight objective, and so do GGUF sources for now (the
+    # numpy model loads safetensors only).
+    runnable = supports(ckpt.config) and any(Path(model_dir).glob("*.safetensors"))
+    if recipe.mode == "budget" and recipe.budget.objective == "output" and runnable:
         from .objective import measure
 
         sensitivity, moments = measure(model_dir, manifest, recipe, progress=progress,
