@@ -87,6 +87,10 @@ class DiskTier:
         self._read_bytes_per_second: float | None = None
         self.spills = 0
         self.loads = 0
+        # Recency lives in file mtimes so it survives restarts; the clock behind a
+        # write's mtime can be coarser than the gap between two spills, so each spill
+        # stamps a strictly later time itself.
+        self._last_stamp_ns = 0
 
     @property
     def bytes_held(self) -> int:
@@ -108,6 +112,7 @@ class DiskTier:
                 path.unlink(missing_ok=True)
             elif path.suffix == _SUFFIX:
                 files.append((path.stat().st_mtime_ns, path))
+                self._last_stamp_ns = max(self._last_stamp_ns, files[-1][0])
         for _, path in sorted(files):
             header = read_header(path)
             if header is None or path.name != file_name(header["tokens"]):
@@ -131,6 +136,7 @@ class DiskTier:
         path = self.folder / file_name(tokens)
         if not path.exists():
             write_entry(path, tokens, entry.state, entry.trimmable, entry.priority)
+        self._stamp(path)
         self._index.store(tokens, path, path.stat().st_size, entry.trimmable, entry.priority)
         self.spills += 1
         return True
@@ -170,6 +176,11 @@ class DiskTier:
         if recompute is None or self._read_bytes_per_second is None:
             return True  # nothing measured yet: reading is the bet (and measures it)
         return match.entry.nbytes / self._read_bytes_per_second < recompute
+
+    def _stamp(self, path: Path) -> None:
+        stamp = max(time.time_ns(), self._last_stamp_ns + 1)
+        os.utime(path, ns=(stamp, stamp))
+        self._last_stamp_ns = stamp
 
     def _delete(self, entry: Entry) -> None:
         Path(entry.state).unlink(missing_ok=True)
