@@ -307,13 +307,13 @@ def quantization_config(plan: Plan) -> dict:
     (its settings, or false when it stays in float). The default is the most common
     setting; every module is named, so the loader never falls back to it."""
     settings = Counter(
-        (d.bits, d.group_size) for d in plan.decisions.values() if d.quantized
+        (d.bits, d.group_size, d.mode) for d in plan.decisions.values() if d.quantized
     )
-    bits, group_size = settings.most_common(1)[0][0] if settings else (4, 64)
-    quant: dict = {"group_size": group_size, "bits": bits, "mode": "affine"}
+    bits, group_size, mode = settings.most_common(1)[0][0] if settings else (4, 64, "affine")
+    quant: dict = {"group_size": group_size, "bits": bits, "mode": mode}
     for module, d in sorted(plan.decisions.items()):
         quant[module] = (
-            {"group_size": d.group_size, "bits": d.bits, "mode": "affine"} if d.quantized
+            {"group_size": d.group_size, "bits": d.bits, "mode": d.mode} if d.quantized
             else False
         )
     return quant

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -19,6 +20,11 @@ from .affine import bits_per_weight
 PLAN_VERSION = 1
 FLOAT_BITS = 16.0  # what an unquantized weight counts for in bpw figures
 PLAN_FILE = "swan-plan.json"
+# MLX quantization modes: affine (codes + scale + bias per group) and the
+# microscaling float formats (FP4/FP8 codes + one 8-bit scale per group, no bias).
+Mode = Literal["affine", "mxfp4", "mxfp8", "nvfp4"]
+MODE_GROUP_SIZE = {"mxfp4": 32, "mxfp8": 32, "nvfp4": 16}  # fixed by each format
+MODE_BITS = {"mxfp4": 4, "mxfp8": 8, "nvfp4": 4}
 _DERIVED = ("achieved_bpw", "total_params", "settings")  # written for readers, not read back
 
 
@@ -32,6 +38,7 @@ class Decision(BaseModel):
     in_dim: int  # input dimension (the axis groups run along)
     bits: int | None = None  # None: kept in float
     group_size: int | None = None
+    mode: Mode = "affine"
     tensor_class: str = ""  # class from the manifest (attention_q, mlp_down, embedding, ...)
     reason: str = ""  # "budget", "rule: router >= 8 bits", "recipe", ...
 
@@ -43,6 +50,8 @@ class Decision(BaseModel):
     def bpw(self) -> float:
         if self.bits is None or self.group_size is None:
             return FLOAT_BITS
+        if self.mode != "affine":  # one 8-bit scale per group, no bias
+            return self.bits + 8.0 / self.group_size
         return bits_per_weight(self.bits, self.group_size)
 
 
@@ -75,6 +84,8 @@ class Plan(BaseModel):
         counts: dict[str, int] = {}
         for d in self.decisions.values():
             label = f"{d.bits}b/g{d.group_size}" if d.quantized else "float"
+            if d.quantized and d.mode != "affine":
+                label = d.mode
             counts[label] = counts.get(label, 0) + d.params
         return dict(sorted(counts.items()))
 
