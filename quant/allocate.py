@@ -196,7 +196,8 @@ def _budget(units: list[Unit], recipe: Recipe, target: float, float_params: int,
             if u.module not in sensitivity.errors:
                 raise AllocationError(f"the sensitivity has no entry for {u.module}")
             allowed = [s for s in allowed if s in sensitivity.errors[u.module]]
-            losses = [sensitivity.loss(u.module, u.tensor_class, s) for s in allowed]
+            swan = math.exp(recipe.budget.output_score_slope * (u.composite - median))
+            losses = [swan * sensitivity.loss(u.module, u.tensor_class, s) for s in allowed]
         else:
             p = prior(u, recipe, median, tied)
             losses = [p * u.errors[s] * u.params for s in allowed]

@@ -46,6 +46,10 @@ class Budget(_Strict):
     group_sizes: list[int] = list(SUPPORTED_GROUP_SIZES)
     # Sensitivity prior = class_prior[class] * exp(score_slope * (composite - median)).
     score_slope: float = 4.0
+    # Output objective: predicted KL x exp(output_score_slope * (composite - median)).
+    # 0 by default: on three models the SWAN composite (or any one of its metrics) on
+    # top of the measured output error did not lower KL (bench/quality.py's ablation).
+    output_score_slope: float = 0.0
     default_prior: float = 1.0
     class_prior: dict[str, float] = {}
 
