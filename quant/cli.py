@@ -1,4 +1,4 @@
-"""swan-quant: the quantizer on its own (analyze, convert, eval, inspect).
+"""swan-quant: the quantizer on its own (analyze, convert, eval, inspect, validate).
 
 A thin dispatcher: each subcommand is one `add_<name>` function that declares its
 arguments and one `run_<name>` function that does the work and returns an exit
@@ -198,7 +198,45 @@ def run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-SUBCOMMANDS = (add_analyze, add_convert, add_eval, add_inspect, add_cache)
+def add_validate(sub: argparse._SubParsersAction) -> None:
+    from .validate import DEFAULT_THRESHOLD
+
+    p = sub.add_parser("validate", help="per-tensor cosine of QUANT's dequantized weights "
+                                        "against a reference")
+    p.add_argument("quant", help="quantized MLX model directory")
+    p.add_argument("--reference", required=True,
+                   help="another MLX checkpoint, or the float source (HF folder or GGUF)")
+    p.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
+                   help="cosine a quantized tensor needs to PASS (default %(default)s)")
+    p.add_argument("--json", default=None, metavar="FILE",
+                   help="also write the full report as JSON (- for standard output)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(run=run_validate)
+
+
+def run_validate(args: argparse.Namespace) -> int:
+    from .mlx_names import NameMapError
+    from .validate import format_report, validate, write_json
+    from .validate_sources import is_mlx_checkpoint
+
+    if not 0.0 < args.threshold <= 1.0:
+        raise CommandError(f"--threshold must be in (0, 1], got {args.threshold}")
+    quant = Path(args.quant).expanduser()
+    if not is_mlx_checkpoint(quant):
+        raise CommandError(f"{quant} is not a quantized MLX model directory "
+                           "(no \"quantization\" in its config.json)")
+    try:
+        report = validate(quant, args.reference, args.threshold, progress=not args.no_progress)
+    except NameMapError as exc:
+        raise CommandError(str(exc)) from None
+    table = format_report(report)
+    print(table, file=sys.stderr if args.json == "-" else sys.stdout)
+    if args.json is not None:
+        write_json(report, args.json)
+    return 0 if report.passed else 1
+
+
+SUBCOMMANDS = (add_analyze, add_convert, add_eval, add_inspect, add_cache, add_validate)
 
 
 def build_parser() -> argparse.ArgumentParser:
