@@ -117,7 +117,11 @@ def add_convert(sub: argparse._SubParsersAction) -> None:
                         "(budget recipe; default 4.5)")
     p.add_argument("--recipe", default="budget",
                    help="budget | swan-thresholds | uniform-4bit | mixed-4-6 | a TOML file | "
-                        "keep (GGUF: carry its own grid over)")
+                        "unsloth | unsloth-mxfp | keep (GGUF: carry its own grid over)")
+    p.add_argument("--q-bits", type=int, default=None, metavar="D",
+                   help="unsloth recipes: the base width d the layer rules add to (default 4)")
+    p.add_argument("--q-group-size", type=int, default=None, metavar="G",
+                   help="unsloth recipes: the base group size (default 64)")
     p.add_argument("--manifest", type=Path, default=None, help="use this manifest, do not analyse")
     p.add_argument("--config", default=None, help="analysis preset or TOML (swan-default)")
     p.add_argument("--force", action="store_true", help="replace a non-empty output directory")
@@ -131,18 +135,21 @@ def run_convert(args: argparse.Namespace) -> int:
     from .build import BuildError, quantize_model
     from .convert import ConvertError
     from .mlx_names import NameMapError
-    from .recipe import RecipeError, load_recipe
+    from .recipe import RecipeError, load_recipe, with_base_bits
 
     out = Path(args.output).expanduser()
     if out.is_dir() and any(out.iterdir()) and not args.force:  # before minutes of analysis
         raise CommandError(f"{out} is not empty; pass --force to replace it")
     try:
-        recipe = "keep" if args.recipe == "keep" else load_recipe(args.recipe)
+        recipe = "keep" if args.recipe == "keep" else with_base_bits(
+            load_recipe(args.recipe), args.q_bits, args.q_group_size)
+        if recipe == "keep" and (args.q_bits or args.q_group_size):
+            raise CommandError("--recipe keep keeps the GGUF's own bits; drop --q-bits")
         if args.target_bpw is not None and recipe == "keep":
             raise CommandError("--recipe keep keeps the GGUF's own bits; drop --target-bpw")
-        if args.target_bpw is not None and recipe.mode != "budget":
-            raise CommandError(f"--target-bpw needs a budget recipe; {recipe.name} is "
-                               f"{recipe.mode}")
+        if args.target_bpw is not None and recipe.mode not in ("budget", "classes"):
+            raise CommandError(f"--target-bpw needs a budget or class-rule recipe; "
+                               f"{recipe.name} is {recipe.mode}")
         result = quantize_model(_model_dir(args.model, args), out, recipe=recipe,
                                 target_bpw=args.target_bpw, analysis_config=args.config,
                                 manifest_path=args.manifest, force=args.force,
