@@ -148,7 +148,7 @@ def run_convert(args: argparse.Namespace) -> int:
         if args.target_bpw is not None and recipe == "keep":
             raise CommandError("--recipe keep keeps the GGUF's own bits; drop --target-bpw")
         if args.target_bpw is not None and recipe.mode not in ("budget", "classes"):
-            raise CommandError(f"--target-bpw needs a budget or class-rule recipe; "
+            raise CommandError(f"--target-bpw needs a budget recipe (or a class-rule one); "
                                f"{recipe.name} is {recipe.mode}")
         result = quantize_model(_model_dir(args.model, args), out, recipe=recipe,
                                 target_bpw=args.target_bpw, analysis_config=args.config,
@@ -212,12 +212,14 @@ def add_validate(sub: argparse._SubParsersAction) -> None:
                                         "against a reference")
     p.add_argument("quant", help="quantized MLX model directory")
     p.add_argument("--reference", required=True,
-                   help="another MLX checkpoint, or the float source (HF folder or GGUF)")
+                   help="another MLX checkpoint, or the float source (HF folder, hub id "
+                        "or GGUF)")
     p.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
                    help="cosine a quantized tensor needs to PASS (default %(default)s)")
     p.add_argument("--json", default=None, metavar="FILE",
                    help="also write the full report as JSON (- for standard output)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_gguf_options(p)
     p.set_defaults(run=run_validate)
 
 
@@ -233,7 +235,8 @@ def run_validate(args: argparse.Namespace) -> int:
         raise CommandError(f"{quant} is not a quantized MLX model directory "
                            "(no \"quantization\" in its config.json)")
     try:
-        report = validate(quant, args.reference, args.threshold, progress=not args.no_progress)
+        reference = _model_dir(args.reference, args)  # a GGUF file or hub id is resolved
+        report = validate(quant, reference, args.threshold, progress=not args.no_progress)
     except NameMapError as exc:
         raise CommandError(str(exc)) from None
     table = format_report(report)

@@ -15,6 +15,7 @@ import pytest
 from swan_serve.quant.allocate import uniform_plan
 from swan_serve.quant.cli import main
 from swan_serve.quant.convert import convert
+from swan_serve.quant.fixtures.gguf_writer import write_gguf
 from swan_serve.quant.mlx_names import build_name_map, checkpoint_shapes
 from swan_serve.quant.sources.checkpoint import open_checkpoint
 from swan_serve.quant.validate import group_of, validate
@@ -189,3 +190,18 @@ def test_bad_input_is_one_line_and_exit_2(pair, tmp_path, capsys):
 ])
 def test_groups_of_mlx_keys(key, group):
     assert group_of(key) == group
+
+
+def test_a_gguf_reference_goes_through_the_same_name_map(tiny_checkpoint, tmp_path):
+    """REF as a GGUF file: its Q8_0 blocks are dequantized by the GGUF reader, its float
+    tensors (norms) must equal the conversion's exactly."""
+    pytest.importorskip("gguf")
+    hf = tiny_checkpoint("qwen3", tokenizer="small")
+    gguf = write_gguf(hf, tmp_path / "m.gguf", qtype="Q8_0")
+    quant = _convert(hf, tmp_path / "q8", 8)
+    assert main(["validate", str(quant), "--reference", str(gguf), "--threshold", "0.999",
+                 "--no-progress", "--json", str(tmp_path / "r.json")]) == 0
+    report = json.loads((tmp_path / "r.json").read_text())
+    storage = {t["group"]: t["reference"] for t in report["tensors"]}
+    assert storage["attention"] == "Q8_0" and storage["norms"] == "F32"
+    assert {t["group"] for t in report["tensors"]} >= {"attention", "mlp", "embeddings", "norms"}
