@@ -171,3 +171,11 @@ def test_q_bits_is_part_of_the_cache_key(tiny_checkpoint, tmp_path):
     assert budget.options.target_bpw == 4.5
     with pytest.raises(BuildError, match="--q-bits"):
         prepare_build(src, BuildOptions(recipe="unsloth", q_bits=9, cache_dir=tmp_path))
+
+
+def test_an_mxfp_plan_is_refused_by_the_affine_writer(tiny_checkpoint, tmp_path, capsys):
+    src = str(tiny_checkpoint("qwen3_5_moe", tokenizer="small"))
+    assert main(["convert", src, "-o", str(tmp_path / "m"), "--recipe", "unsloth-mxfp",
+                 "--no-progress"]) == 2
+    (error,) = capsys.readouterr().err.strip().splitlines()
+    assert "cannot be written yet" in error and not (tmp_path / "m").exists()

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from swan_serve.quant.allocate import uniform_plan
+from swan_serve.quant.cache import ENV_CACHE_DIR
 from swan_serve.quant.cli import main
 from swan_serve.quant.convert import convert
 from swan_serve.quant.fixtures.gguf_writer import write_gguf
@@ -192,10 +193,14 @@ def test_groups_of_mlx_keys(key, group):
     assert group_of(key) == group
 
 
-def test_a_gguf_reference_goes_through_the_same_name_map(tiny_checkpoint, tmp_path):
+def test_a_gguf_reference_goes_through_the_same_name_map(tiny_checkpoint, tmp_path,
+                                                         monkeypatch):
     """REF as a GGUF file: its Q8_0 blocks are dequantized by the GGUF reader, its float
     tensors (norms) must equal the conversion's exactly."""
     pytest.importorskip("gguf")
+    # The GGUF's source folder is kept under the cache root, keyed by content: a fresh
+    # root, so a folder left by an earlier run (pointing at its own tmp file) is not reused.
+    monkeypatch.setenv(ENV_CACHE_DIR, str(tmp_path / "cache"))
     hf = tiny_checkpoint("qwen3", tokenizer="small")
     gguf = write_gguf(hf, tmp_path / "m.gguf", qtype="Q8_0")
     quant = _convert(hf, tmp_path / "q8", 8)
