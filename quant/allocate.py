@@ -86,6 +86,14 @@ def build_plan(
         if recipe.budget.objective != "output":
             sensitivity = None
         decisions = _budget(units, recipe, target, float_params, tied_embeddings, sensitivity)
+    elif recipe.mode == "classes":
+        floors = _classes(units, recipe)
+        target, decisions = target_bpw, floors
+        if target_bpw is not None:  # the recipe is a floor; the budget adds bits
+            if recipe.budget.objective != "output":
+                sensitivity = None
+            decisions = _budget(units, recipe, target_bpw, float_params, tied_embeddings,
+                                sensitivity, floors)
     elif recipe.mode == "thresholds":
         target, decisions = None, _thresholds(units, recipe)
     else:
@@ -182,37 +190,87 @@ def budget_settings(units: list[Unit], recipe: Recipe) -> dict[str, list[Setting
 
 
 def _budget(units: list[Unit], recipe: Recipe, target: float, float_params: int,
-            tied: bool, sensitivity: Sensitivity | None = None) -> dict[str, Decision]:
-    decisions = {u.module: _float_decision(u, u.float_reason) for u in units if u.float_reason}
-    live = [u for u in units if not u.float_reason]
-    total = float_params + sum(u.params for u in units)
-    fixed_bits = FLOAT_BITS * (float_params + sum(u.params for u in units if u.float_reason))
-    median = float(np.median([u.composite for u in live])) if live else 0.0
-    options, settings = [], []
+            tied: bool, sensitivity: Sensitivity | None = None,
+            floors: dict[str, Decision] | None = None) -> dict[str, Decision]:
+    """floors: per module the least it may get (a classes recipe's decisions): affine
+    ones may only gain bits, float and mxfp ones are kept as they are."""
+    floors = floors or {}
+    decisions = {u.module: floors.get(u.module) or _float_decision(u, u.float_reason)
+                 for u in units if u.float_reason}
+    candidates = {}
     allowed_of = budget_settings(units, recipe)
-    for u in live:
+    for u in units:
+        if u.float_reason:
+            continue
+        floor = floors.get(u.module)
         allowed = allowed_of[u.module]
+        if floor is not None:
+            allowed = _above(floor, u, allowed) if floor.quantized and floor.mode == "affine" \
+                else []
         if sensitivity is not None:
             if u.module not in sensitivity.errors:
                 raise AllocationError(f"the sensitivity has no entry for {u.module}")
             allowed = [s for s in allowed if s in sensitivity.errors[u.module]]
+        if allowed:
+            candidates[u.module] = allowed
+        elif floor is not None:  # nothing to choose: the recipe's decision stands
+            decisions[u.module] = floor
+        else:
+            raise AllocationError(f"no candidate setting for {u.module}")
+    live = [u for u in units if u.module in candidates]
+    total = float_params + sum(u.params for u in units)
+    fixed_bits = FLOAT_BITS * float_params + sum(d.params * d.bpw for d in decisions.values())
+    median = float(np.median([u.composite for u in live])) if live else 0.0
+    options = []
+    for u in live:
+        allowed = candidates[u.module]
+        if sensitivity is not None:
             swan = math.exp(recipe.budget.output_score_slope * (u.composite - median))
             losses = [swan * sensitivity.loss(u.module, u.tensor_class, s) for s in allowed]
         else:
             p = prior(u, recipe, median, tied)
             losses = [p * u.errors[s] * u.params for s in allowed]
-        settings.append(allowed)
         options.append([knapsack.Option(u.params * bits_per_weight(*s), loss)
                         for s, loss in zip(allowed, losses, strict=True)])
     try:
         chosen = knapsack.solve(options, target * total - fixed_bits)
     except knapsack.BudgetError:
         floor = (fixed_bits + sum(min(o.cost for o in opts) for opts in options)) / total
-        raise AllocationError(f"target {target} bpw is below the smallest possible "
+        what = f"{recipe.name}'s own" if floors else "the smallest possible"
+        raise AllocationError(f"target {target} bpw is below {what} "
                               f"{floor:.3f} bpw for this model") from None
     why = "budget, predicted KL" if sensitivity is not None else "budget, weight error"
-    for u, allowed, opts, i in zip(live, settings, options, chosen, strict=True):
-        decisions[u.module] = _decision(u, allowed[i], f"{why}: loss {opts[i].loss:.3g}")
+    for u, opts, i in zip(live, options, chosen, strict=True):
+        setting = candidates[u.module][i]
+        reason = f"{why}: loss {opts[i].loss:.3g}"
+        if u.module in floors:
+            floor = floors[u.module]
+            reason = (floor.reason if setting == (floor.bits, floor.group_size)
+                      else f"{floor.reason}; {reason}")
+        decisions[u.module] = _decision(u, setting, reason)
+    return dict(sorted(decisions.items()))
+
+
+def _above(floor: Decision, u: Unit, allowed: list[Setting]) -> list[Setting]:
+    """Measured candidates with at least the floor's bits and bits per weight, the
+    floor's own setting among them (the analyzer measures every MLX setting)."""
+    own = (floor.bits, floor.group_size)
+    up = {s for s in allowed if s[0] >= own[0] and bits_per_weight(*s) >= floor.bpw}
+    return sorted((up | {own}) & set(u.errors))
+
+
+def _classes(units: list[Unit], recipe: Recipe) -> dict[str, Decision]:
+    from .class_rules import class_decisions
+
+    decisions = class_decisions(
+        [(u.module, u.params, u.in_dim, u.tensor_class) for u in units], recipe)
+    for u in units:
+        d = decisions[u.module]
+        if u.float_reason:
+            decisions[u.module] = _float_decision(u, u.float_reason)
+        elif d.quantized and d.mode == "affine" and d.bits < u.min_bits:
+            decisions[u.module] = d.model_copy(update={
+                "bits": u.min_bits, "reason": f"{d.reason}; raised to {u.min_bits} bits by rule"})
     return dict(sorted(decisions.items()))
 
 

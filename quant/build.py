@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .cache import ModelCache, entry_key
@@ -29,8 +29,12 @@ class BuildError(RuntimeError):
 
 @dataclass(frozen=True)
 class BuildOptions:
-    target_bpw: float | None = DEFAULT_TARGET_BPW  # None: the recipe's own target
+    # None: 4.5 for budget recipes; a classes recipe (unsloth) is then used as it is,
+    # and a target makes it a floor the budget adds bits to.
+    target_bpw: float | None = None
     recipe: str = DEFAULT_RECIPE
+    q_bits: int | None = None  # classes recipes: the base width d (--q-bits)
+    q_group_size: int | None = None  # classes recipes: the base group g (--q-group-size)
     cache_dir: Path | None = None
     rebuild: bool = False
     revision: str | None = None
@@ -94,8 +98,10 @@ def prepare_build(model: str, options: BuildOptions | None = None) -> PreparedBu
     if resolved.is_mlx_quantized:
         return PreparedBuild(model, resolved, options, ready=resolved.path)
     check_buildable(resolved.path)
-    recipe = _load_recipe(options.recipe)
+    recipe = _load_recipe(options.recipe, options.q_bits, options.q_group_size)
     keep = options.recipe == "keep"
+    if options.target_bpw is None and recipe.mode != "classes":
+        options = replace(options, target_bpw=DEFAULT_TARGET_BPW)
     identity = {
         "recipe": "keep" if keep else recipe.model_dump(mode="json"),
         "target_bpw": None if keep else options.target_bpw,
@@ -124,7 +130,7 @@ def quantize_model(
     out_dir: Path,
     *,
     recipe: Recipe | str = DEFAULT_RECIPE,
-    target_bpw: float | None = DEFAULT_TARGET_BPW,
+    target_bpw: float | None = None,
     analysis_config: str | None = None,
     manifest_path: Path | None = None,
     force: bool = False,
@@ -157,7 +163,8 @@ def quantize_model(
     # other architectures keep the weight objective, and so do GGUF sources for now (the
     # numpy model loads safetensors only).
     runnable = supports(ckpt.config) and any(Path(model_dir).glob("*.safetensors"))
-    if recipe.mode == "budget" and recipe.budget.objective == "output" and runnable:
+    budgeted = recipe.mode == "budget" or (recipe.mode == "classes" and target_bpw is not None)
+    if budgeted and recipe.budget.objective == "output" and runnable:
         from .objective import measure
 
         sensitivity, moments = measure(model_dir, manifest, recipe, progress=progress,
@@ -255,14 +262,15 @@ def _mlx_lm_supports(config: dict) -> bool:
     return importlib.util.find_spec(f"mlx_lm.models.{model_type}") is not None
 
 
-def _load_recipe(name: str) -> Recipe:
-    from .recipe import RecipeError
+def _load_recipe(name: str, q_bits: int | None = None, q_group_size: int | None = None
+                 ) -> Recipe:
+    from .recipe import RecipeError, with_base_bits
 
     if name == "keep":  # GGUF only; its plan comes from the source (gguf_keep.py)
         name = DEFAULT_RECIPE
 
     try:
-        return load_recipe(name)
+        return with_base_bits(load_recipe(name), q_bits, q_group_size)
     except (RecipeError, FileNotFoundError) as exc:
         raise BuildError(str(exc)) from None
 

@@ -1,4 +1,4 @@
-"""swan-quant: the quantizer on its own (analyze, convert, eval, inspect).
+"""swan-quant: the quantizer on its own (analyze, convert, eval, inspect, validate).
 
 A thin dispatcher: each subcommand is one `add_<name>` function that declares its
 arguments and one `run_<name>` function that does the work and returns an exit
@@ -117,7 +117,11 @@ def add_convert(sub: argparse._SubParsersAction) -> None:
                         "(budget recipe; default 4.5)")
     p.add_argument("--recipe", default="budget",
                    help="budget | swan-thresholds | uniform-4bit | mixed-4-6 | a TOML file | "
-                        "keep (GGUF: carry its own grid over)")
+                        "unsloth | unsloth-mxfp | keep (GGUF: carry its own grid over)")
+    p.add_argument("--q-bits", type=int, default=None, metavar="D",
+                   help="unsloth recipes: the base width d the layer rules add to (default 4)")
+    p.add_argument("--q-group-size", type=int, default=None, metavar="G",
+                   help="unsloth recipes: the base group size (default 64)")
     p.add_argument("--manifest", type=Path, default=None, help="use this manifest, do not analyse")
     p.add_argument("--config", default=None, help="analysis preset or TOML (swan-default)")
     p.add_argument("--force", action="store_true", help="replace a non-empty output directory")
@@ -131,18 +135,21 @@ def run_convert(args: argparse.Namespace) -> int:
     from .build import BuildError, quantize_model
     from .convert import ConvertError
     from .mlx_names import NameMapError
-    from .recipe import RecipeError, load_recipe
+    from .recipe import RecipeError, load_recipe, with_base_bits
 
     out = Path(args.output).expanduser()
     if out.is_dir() and any(out.iterdir()) and not args.force:  # before minutes of analysis
         raise CommandError(f"{out} is not empty; pass --force to replace it")
     try:
-        recipe = "keep" if args.recipe == "keep" else load_recipe(args.recipe)
+        recipe = "keep" if args.recipe == "keep" else with_base_bits(
+            load_recipe(args.recipe), args.q_bits, args.q_group_size)
+        if recipe == "keep" and (args.q_bits or args.q_group_size):
+            raise CommandError("--recipe keep keeps the GGUF's own bits; drop --q-bits")
         if args.target_bpw is not None and recipe == "keep":
             raise CommandError("--recipe keep keeps the GGUF's own bits; drop --target-bpw")
-        if args.target_bpw is not None and recipe.mode != "budget":
-            raise CommandError(f"--target-bpw needs a budget recipe; {recipe.name} is "
-                               f"{recipe.mode}")
+        if args.target_bpw is not None and recipe.mode not in ("budget", "classes"):
+            raise CommandError(f"--target-bpw needs a budget recipe (or a class-rule one); "
+                               f"{recipe.name} is {recipe.mode}")
         result = quantize_model(_model_dir(args.model, args), out, recipe=recipe,
                                 target_bpw=args.target_bpw, analysis_config=args.config,
                                 manifest_path=args.manifest, force=args.force,
@@ -198,7 +205,48 @@ def run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-SUBCOMMANDS = (add_analyze, add_convert, add_eval, add_inspect, add_cache)
+def add_validate(sub: argparse._SubParsersAction) -> None:
+    from .validate import DEFAULT_THRESHOLD
+
+    p = sub.add_parser("validate", help="per-tensor cosine of QUANT's dequantized weights "
+                                        "against a reference")
+    p.add_argument("quant", help="quantized MLX model directory")
+    p.add_argument("--reference", required=True,
+                   help="another MLX checkpoint, or the float source (HF folder, hub id "
+                        "or GGUF)")
+    p.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
+                   help="cosine a quantized tensor needs to PASS (default %(default)s)")
+    p.add_argument("--json", default=None, metavar="FILE",
+                   help="also write the full report as JSON (- for standard output)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_gguf_options(p)
+    p.set_defaults(run=run_validate)
+
+
+def run_validate(args: argparse.Namespace) -> int:
+    from .mlx_names import NameMapError
+    from .validate import format_report, validate, write_json
+    from .validate_sources import is_mlx_checkpoint
+
+    if not 0.0 < args.threshold <= 1.0:
+        raise CommandError(f"--threshold must be in (0, 1], got {args.threshold}")
+    quant = Path(args.quant).expanduser()
+    if not is_mlx_checkpoint(quant):
+        raise CommandError(f"{quant} is not a quantized MLX model directory "
+                           "(no \"quantization\" in its config.json)")
+    try:
+        reference = _model_dir(args.reference, args)  # a GGUF file or hub id is resolved
+        report = validate(quant, reference, args.threshold, progress=not args.no_progress)
+    except NameMapError as exc:
+        raise CommandError(str(exc)) from None
+    table = format_report(report)
+    print(table, file=sys.stderr if args.json == "-" else sys.stdout)
+    if args.json is not None:
+        write_json(report, args.json)
+    return 0 if report.passed else 1
+
+
+SUBCOMMANDS = (add_analyze, add_convert, add_eval, add_inspect, add_cache, add_validate)
 
 
 def build_parser() -> argparse.ArgumentParser:

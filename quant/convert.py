@@ -89,6 +89,9 @@ def check_plan(plan: Plan, name_map: NameMap) -> None:
         if d.in_dim != tensor.shape[-1] or d.params != int(np.prod(tensor.shape)):
             raise ConvertError(f"the plan's shape for {module} does not match the checkpoint")
         if d.quantized:
+            if d.mode != "affine":  # the writer packs affine codes only, so far
+                raise ConvertError(f"{module}: mode {d.mode} cannot be written yet "
+                                   "(affine only); use an affine recipe")
             if d.group_size is None:
                 raise ConvertError(f"{module}: {d.bits} bits without a group size")
             try:

@@ -6,18 +6,24 @@ mode = "thresholds"  the SWAN reference: composite score thresholds -> 16/8/4/2 
 mode = "uniform"     one setting everywhere (mlx_lm.convert -q)
 mode = "mixed"       mlx_lm's mixed_4_6 rule: v_proj/down_proj of some layers and
                      lm_head get more bits
+mode = "classes"     a table of rules by tensor class and role, bits as offsets of a
+                     base width d (--q-bits) or fixed, affine or mxfp modes
+                     (class_rules.py; the unsloth recipes). With a --target-bpw it is
+                     a floor: the budget may add bits where they buy the most.
 [rules] hold in every mode.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, field_validator
 
 from .affine import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
+from .plan import Mode
 
 DEFAULT_RECIPE = "budget"
 DEFAULT_TARGET_BPW = 4.5
@@ -85,14 +91,55 @@ class Fixed(_Strict):
     always_high_roles: list[str] = ["lm_head"]  # mixed: everywhere
 
 
+class ClassRule(_Strict):
+    """One line of a classes recipe; the first rule that selects a module decides it."""
+
+    # "class" or "class:role": a names.TensorClass value, optionally with the MLX
+    # module's last name part (expert:down_proj, linear_attention:in_proj_a).
+    select: list[str]
+    bits: int | str  # 8, "d", "d+2" (d = the recipe's base bits), or "float"
+    group_size: int | None = None  # None: the recipe's base group size
+    mode: Mode = "affine"  # mxfp4 / mxfp8 / nvfp4 fix their own bits and group size
+    layers: Literal["all", "last", "rest"] = "all"  # last: the last `last_layers` layers
+
+    @field_validator("bits")
+    @classmethod
+    def _bits(cls, v: int | str) -> int | str:
+        if isinstance(v, str) and v != "float" and not re.fullmatch(r"d(\+\d+)?", v):
+            raise ValueError(f"bits must be an int, 'd', 'd+N' or 'float', got {v!r}")
+        return v
+
+
+class Classes(_Strict):
+    bits: int = 4  # d: --q-bits
+    group_size: int = 64  # g: --q-group-size
+    last_layers: int = 8  # what "last" means in a rule's layers
+    rules: list[ClassRule] = []
+
+    @field_validator("bits")
+    @classmethod
+    def _base_bits(cls, v: int) -> int:
+        if v not in SUPPORTED_BITS:
+            raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {v}")
+        return v
+
+    @field_validator("group_size")
+    @classmethod
+    def _base_group(cls, v: int) -> int:
+        if v not in SUPPORTED_GROUP_SIZES:
+            raise ValueError(f"group_size must be one of {SUPPORTED_GROUP_SIZES}, got {v}")
+        return v
+
+
 class Recipe(_Strict):
     name: str
     description: str = ""
-    mode: Literal["budget", "thresholds", "uniform", "mixed"]
+    mode: Literal["budget", "thresholds", "uniform", "mixed", "classes"]
     rules: Rules = Rules()
     budget: Budget = Budget()
     thresholds: Thresholds = Thresholds()
     fixed: Fixed = Fixed()
+    classes: Classes = Classes()
 
 
 def recipe_path(name_or_path: str | os.PathLike) -> Path:
@@ -113,3 +160,20 @@ def load_recipe(name_or_path: str | os.PathLike = DEFAULT_RECIPE) -> Recipe:
     from swan_serve.configs import load_toml_as
 
     return load_toml_as(recipe_path(name_or_path), Recipe, RecipeError, "recipe")
+
+
+def with_base_bits(recipe: Recipe, bits: int | None, group_size: int | None) -> Recipe:
+    """The recipe with --q-bits / --q-group-size applied (classes recipes only)."""
+    if bits is None and group_size is None:
+        return recipe
+    if recipe.mode != "classes":
+        raise RecipeError(f"--q-bits and --q-group-size apply to class-rule recipes "
+                          f"(unsloth, unsloth-mxfp); {recipe.name} is {recipe.mode}")
+    if bits is not None and bits not in SUPPORTED_BITS:
+        raise RecipeError(f"--q-bits must be one of {', '.join(map(str, SUPPORTED_BITS))}, "
+                          f"got {bits}")
+    if group_size is not None and group_size not in SUPPORTED_GROUP_SIZES:
+        raise RecipeError(f"--q-group-size must be one of "
+                          f"{', '.join(map(str, SUPPORTED_GROUP_SIZES))}, got {group_size}")
+    update = {k: v for k, v in (("bits", bits), ("group_size", group_size)) if v is not None}
+    return recipe.model_copy(update={"classes": recipe.classes.model_copy(update=update)})

@@ -54,6 +54,7 @@ def prepare_model(args: argparse.Namespace) -> tuple[Path | None, ModelProvider 
                                "are converted (try --recipe keep to keep their own grid)")
         return resolve_model(model, args.revision).path, None
     options = BuildOptions(target_bpw=args.target_bpw, recipe=args.recipe,
+                           q_bits=args.q_bits, q_group_size=args.q_group_size,
                            cache_dir=args.cache_dir, rebuild=args.rebuild,
                            revision=args.revision, gguf_file=args.gguf_file,
                            tokenizer=args.tokenizer)
@@ -92,12 +93,18 @@ def build_parser() -> argparse.ArgumentParser:
     add("--model", dest="model_flag", metavar="MODEL",
         help="the same as the positional MODEL (as vLLM and vMLX spell it)")
     add("--version", action="version", version=f"swan-serve {__version__}")
-    add("--target-bpw", type=float, default=4.5,
-        help="bits per weight the quantizer aims at, scales and biases counted (default: 4.5)")
+    add("--target-bpw", type=float, default=None,
+        help="bits per weight the quantizer aims at, scales and biases counted (default: "
+        "4.5; with --recipe unsloth none: the recipe as it is, and a target makes it a floor)")
     add("--recipe", default="budget",
         help="allocation recipe: a name from configs/ (budget, swan-thresholds, "
         "uniform-4bit, mixed-4-6), a TOML file, or keep (GGUF MODEL: carry its own "
-        "quantization grid over where MLX represents it exactly) (default: budget)")
+        "quantization grid over where MLX represents it exactly), unsloth or unsloth-mxfp "
+        "(Unsloth's layer rules) (default: budget)")
+    add("--q-bits", type=int, default=None, metavar="D",
+        help="unsloth recipes: the base width d the layer rules add to (default: 4)")
+    add("--q-group-size", type=int, default=None, metavar="G",
+        help="unsloth recipes: the base group size (default: 64)")
     add("--cache-dir", type=Path,
         help="where quantized builds are kept (default: $SWAN_SERVE_CACHE or "
         "~/.cache/swan-serve)")
