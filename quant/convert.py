@@ -56,7 +56,7 @@ from .sources.gguf_keep import exact_groups, kept_scale_dtype
 MANIFEST_FILE = "swan-manifest.json"
 _BLOCK_ELEMENTS = 1 << 22  # weights read and fitted at once (16 MB of float32)
 _CHECKPOINT_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float32"}
-_MX_DTYPES = {mx.bfloat16: "BF16", mx.float16: "F16", mx.float32: "F16"}  # f32 -> f16
+_MX_DTYPES = {mx.bfloat16: "BF16", mx.float16: "F16", mx.float32: "F32"}
 _STORED = {"bfloat16": "bfloat16", "float16": "float16"}
 # Files of a model folder that are weights or that we rewrite; everything else
 # (tokenizer, chat template, generation config, licence) is copied.
@@ -193,6 +193,10 @@ class _Writer:
         self.floats = float_tensors(ckpt, name_map, model)  # lazy
         self.bytes_written = 0
         self.moments: dict[str, np.ndarray] = {}
+        # A float32 checkpoint is written in float16 throughout, as its plan counts it;
+        # float32 tensors of a 16-bit checkpoint (Qwen3.5's A_log) are kept as they are.
+        weights = [t for t in name_map.tensors if t.quantizable]
+        self.f32_source = bool(weights) and source_dtype(ckpt, weights[0]) == "float32"
 
     def outputs(self) -> list[tuple[MlxTensor, list[OutTensor]]]:
         out = []
@@ -217,8 +221,13 @@ class _Writer:
                 array = self.floats[t.key]
                 if array.dtype not in _MX_DTYPES:
                     raise ConvertError(f"{t.key} has unsupported dtype {array.dtype}")
-                out.append((t, [OutTensor(t.key, _MX_DTYPES[array.dtype], t.shape)]))
+                dtype = _MX_DTYPES[array.dtype]
+                out.append((t, [OutTensor(t.key, "F16" if self._narrowed(array) else dtype,
+                                          t.shape)]))
         return out
+
+    def _narrowed(self, array: mx.array) -> bool:
+        return self.f32_source and array.dtype == mx.float32
 
     def write(self, folder: Path, max_shard_bytes: int, progress: bool) -> dict[str, float]:
         outputs = self.outputs()
@@ -329,8 +338,8 @@ class _Writer:
 
     def _float(self, t: MlxTensor, out: OutTensor, bar) -> None:
         array = self.floats.pop(t.key)  # read now, freed after writing
-        if array.dtype == mx.float32:
-            array = array.astype(mx.float16)  # as counted (and as _MX_DTYPES declared)
+        if self._narrowed(array):
+            array = array.astype(mx.float16)
             if not bool(mx.all(mx.isfinite(array))):
                 raise ConvertError(f"{t.key} overflows float16, which float32 sources are "
                                    "written in")
