@@ -155,6 +155,7 @@ def build_variants(src: Path, work: Path, core_only: bool = False,
           f"class gains {sens.class_gain}", file=sys.stderr)
     sens.save(work / "sensitivity.json")  # kept with --keep, for reading the plans
     flat = Sensitivity(errors=sens.errors, class_gain={})  # every class gain 1
+    mode_sens = _with_modes(src, manifest, name_map, sens, moments)
 
     def swan(recipe, bpw, sensitivity, weighted_fit=True, name="budget", metric=None):
         recipe = load_recipe(name) if recipe is None else recipe
@@ -190,6 +191,8 @@ def build_variants(src: Path, work: Path, core_only: bool = False,
             (f"budget {bpw}, weight objective (old)", swan(_recipe("weight"), bpw, None, False)),
             (f"budget {bpw}, output objective (new)", swan(_recipe("output"), bpw, sens)),
             (f"budget {bpw}, new, no group 32", swan(_recipe("output", [64, 128]), bpw, sens)),
+            (f"budget {bpw}, new + mxfp4/nvfp4/mxfp8 modes",
+             swan(load_recipe("budget-mxfp"), bpw, mode_sens)),
         ]
         if not core_only:
             jobs += [
@@ -217,6 +220,21 @@ def build_variants(src: Path, work: Path, core_only: bool = False,
         variants.append((label, out, time.perf_counter() - start))
         print(f"built {label} in {variants[-1][2]:.1f}s", file=sys.stderr)
     return variants
+
+
+def _with_modes(src: Path, manifest, name_map, sens: Sensitivity, moments) -> Sensitivity:
+    """sens plus the budget-mxfp recipe's microscaling candidates (same moments, gains)."""
+    from swan_serve.quant.allocate import budget_settings, build_units
+    from swan_serve.quant.sensitivity import candidate_errors
+    from swan_serve.quant.settings import mode_of
+
+    recipe = load_recipe("budget-mxfp")
+    extra = {m: [s for s in ss if mode_of(s) != "affine"]
+             for m, ss in budget_settings(build_units(manifest, name_map, recipe), recipe).items()}
+    errors = candidate_errors(open_checkpoint(src), name_map, moments, extra)
+    merged = {m: {**sens.errors.get(m, {}), **errors.get(m, {})} for m in sens.errors}
+    return Sensitivity(errors=merged, class_gain=sens.class_gain,
+                       moments_source=sens.moments_source)
 
 
 def evaluate_np(ref: NpModel, variants: dict[str, Path], data: np.ndarray) -> dict[str, dict]:

@@ -26,20 +26,20 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
 from . import knapsack
-from .affine import bits_per_weight
+from . import settings as setting_mod
 from .manifest import Manifest, TensorRecord
 from .mlx_names import NameMap
 from .plan import FLOAT_BITS, Decision, Plan
 from .recipe import Recipe, load_recipe
 from .sensitivity import Sensitivity
 
-Setting = tuple[int, int]  # (bits, group_size)
+Setting = setting_mod.Setting  # (bits, group_size) or (bits, group_size, mode)
 
 
 class AllocationError(ValueError):
@@ -53,7 +53,7 @@ class Unit:
     in_dim: int
     tensor_class: str
     records: tuple[TensorRecord, ...]
-    errors: dict[Setting, float] = field(default_factory=dict)  # relative MSE
+    errors: dict[Setting, float] = field(default_factory=dict)  # relative MSE (affine)
     composite: float = 0.5
     min_bits: int = 2
     float_reason: str | None = None  # set when the module must stay in float
@@ -76,10 +76,15 @@ def build_units(manifest: Manifest, name_map: NameMap, recipe: Recipe) -> list[U
 def build_plan(
     manifest: Manifest, name_map: NameMap, recipe: Recipe, target_bpw: float | None = None,
     tied_embeddings: bool = False, sensitivity: Sensitivity | None = None,
+    mode_errors: dict[str, dict[Setting, float]] | None = None,
 ) -> Plan:
     """sensitivity: predicted output errors and class gains; the budget recipe's
-    output objective uses them (without, it falls back to the weight objective)."""
+    output objective uses them (without, it falls back to the weight objective).
+    mode_errors: module -> microscaling setting -> relative MSE (sensitivity.
+    relative_mode_errors), what the weight objective needs for non-affine modes."""
     units = build_units(manifest, name_map, recipe)
+    if mode_errors:
+        units = [replace(u, errors={**u.errors, **mode_errors.get(u.module, {})}) for u in units]
     float_params = sum(int(np.prod(t.shape)) for t in name_map.floats())
     if recipe.mode == "budget":
         target = target_bpw if target_bpw is not None else recipe.budget.target_bpw
@@ -166,7 +171,8 @@ def _float_decision(u: Unit, reason: str) -> Decision:
 
 def _decision(u: Unit, setting: Setting, reason: str) -> Decision:
     return Decision(module=u.module, params=u.params, in_dim=u.in_dim, bits=setting[0],
-                    group_size=setting[1], tensor_class=u.tensor_class, reason=reason)
+                    group_size=setting[1], mode=setting_mod.mode_of(setting),
+                    tensor_class=u.tensor_class, reason=reason)
 
 
 def prior(u: Unit, recipe: Recipe, median: float, tied_embeddings: bool) -> float:
@@ -180,12 +186,15 @@ def prior(u: Unit, recipe: Recipe, median: float, tied_embeddings: bool) -> floa
 def budget_settings(units: list[Unit], recipe: Recipe) -> dict[str, list[Setting]]:
     """The candidates the budget recipe may choose from, per module left to choose."""
     out = {}
+    b = recipe.budget
     for u in units:
         if u.float_reason:
             continue
-        allowed = [s for s in u.errors
-                   if s[0] in recipe.budget.bits and s[1] in recipe.budget.group_sizes]
-        out[u.module] = allowed or list(u.errors)  # a rule (min bits) beats the recipe's list
+        affine = [s for s in u.errors if setting_mod.mode_of(s) == "affine"]
+        allowed = [s for s in affine if s[0] in b.bits and s[1] in b.group_sizes
+                   and "affine" in b.modes]
+        allowed += setting_mod.float_mode_settings(b.modes, u.in_dim, u.min_bits)
+        out[u.module] = allowed or affine  # a rule (min bits) beats the recipe's list
     return out
 
 
@@ -228,9 +237,13 @@ def _budget(units: list[Unit], recipe: Recipe, target: float, float_params: int,
             swan = math.exp(recipe.budget.output_score_slope * (u.composite - median))
             losses = [swan * sensitivity.loss(u.module, u.tensor_class, s) for s in allowed]
         else:
+            missing = [s for s in allowed if s not in u.errors]
+            if missing:
+                raise AllocationError(f"no weight error measured for {u.module} at "
+                                      f"{setting_mod.label(missing[0])}")
             p = prior(u, recipe, median, tied)
             losses = [p * u.errors[s] * u.params for s in allowed]
-        options.append([knapsack.Option(u.params * bits_per_weight(*s), loss)
+        options.append([knapsack.Option(u.params * setting_mod.bpw(s), loss)
                         for s, loss in zip(allowed, losses, strict=True)])
     try:
         chosen = knapsack.solve(options, target * total - fixed_bits)
@@ -255,7 +268,7 @@ def _above(floor: Decision, u: Unit, allowed: list[Setting]) -> list[Setting]:
     """Measured candidates with at least the floor's bits and bits per weight, the
     floor's own setting among them (the analyzer measures every MLX setting)."""
     own = (floor.bits, floor.group_size)
-    up = {s for s in allowed if s[0] >= own[0] and bits_per_weight(*s) >= floor.bpw}
+    up = {s for s in allowed if s[0] >= own[0] and setting_mod.bpw(s) >= floor.bpw}
     return sorted((up | {own}) & set(u.errors))
 
 

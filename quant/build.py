@@ -169,8 +169,14 @@ def quantize_model(
 
         sensitivity, moments = measure(model_dir, manifest, recipe, progress=progress,
                                        name_map=name_map)
+    mode_errors = None
+    if recipe.mode == "budget" and sensitivity is None and set(recipe.budget.modes) - {"affine"}:
+        from .sensitivity import relative_mode_errors
+
+        mode_errors = relative_mode_errors(ckpt, name_map, recipe.budget.modes)
     plan = build_plan(manifest, name_map, recipe, target_bpw,
-                      tied_embeddings=tied_embeddings(ckpt.config), sensitivity=sensitivity)
+                      tied_embeddings=tied_embeddings(ckpt.config), sensitivity=sensitivity,
+                      mode_errors=mode_errors)
     staged_manifest = None
     if manifest_path is None:
         staged_manifest = out_dir.parent / f".{out_dir.name}.manifest.json"

@@ -26,7 +26,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from . import affine, fit
+from . import affine, fit, modes
 from .mlx_names import (
     MlxTensor,
     NameMap,
@@ -57,6 +57,7 @@ MANIFEST_FILE = "swan-manifest.json"
 _BLOCK_ELEMENTS = 1 << 22  # weights read and fitted at once (16 MB of float32)
 _CHECKPOINT_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float32"}
 _MX_DTYPES = {mx.bfloat16: "BF16", mx.float16: "F16", mx.float32: "F32"}
+_STORED = {"bfloat16": "bfloat16", "float16": "float16"}
 # Files of a model folder that are weights or that we rewrite; everything else
 # (tokenizer, chat template, generation config, licence) is copied.
 _NOT_COPIED_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5")
@@ -89,15 +90,22 @@ def check_plan(plan: Plan, name_map: NameMap) -> None:
         if d.in_dim != tensor.shape[-1] or d.params != int(np.prod(tensor.shape)):
             raise ConvertError(f"the plan's shape for {module} does not match the checkpoint")
         if d.quantized:
-            if d.mode != "affine":  # the writer packs affine codes only, so far
-                raise ConvertError(f"{module}: mode {d.mode} cannot be written yet "
-                                   "(affine only); use an affine recipe")
             if d.group_size is None:
                 raise ConvertError(f"{module}: {d.bits} bits without a group size")
             try:
-                affine.check_setting(d.bits, d.group_size, tensor.shape[-1])
+                _check_setting(d.bits, d.group_size, d.mode, tensor.shape[-1])
             except ValueError as exc:
                 raise ConvertError(f"{module}: {exc}") from None
+
+
+def _check_setting(bits: int, group_size: int, mode: str, in_dim: int) -> None:
+    if mode == "affine":
+        affine.check_setting(bits, group_size, in_dim)
+        return
+    modes.check_mode(mode, in_dim)
+    if (bits, group_size) != (modes.BITS[mode], modes.GROUP_SIZE[mode]):
+        raise ValueError(f"{mode} stores {modes.BITS[mode]} bits in groups of "
+                         f"{modes.GROUP_SIZE[mode]}, not {bits} bits in groups of {group_size}")
 
 
 def convert(
@@ -162,9 +170,16 @@ def verify_loads(model_dir: Path) -> None:
         raise ConvertError(f"the written checkpoint does not load in mlx_lm: {exc}") from None
 
 
-def storage_dtype(ckpt: Checkpoint, tensor: MlxTensor) -> str:
-    """The dtype name scales/biases (or float weights) are stored in: the source's."""
+def source_dtype(ckpt: Checkpoint, tensor: MlxTensor) -> str:
+    """The dtype name of the tensor in the source checkpoint."""
     return _CHECKPOINT_DTYPES[ckpt.info(tensor.sources[0]).dtype]
+
+
+def storage_dtype(ckpt: Checkpoint, tensor: MlxTensor) -> str:
+    """The dtype scales/biases (or float weights) are stored in: the source's, but
+    float16 for a float32 source, so the bytes written are the 16 bits per scale,
+    bias and float weight that the plan's bits per weight count."""
+    return _STORED.get(source_dtype(ckpt, tensor), "float16")
 
 
 class _Writer:
@@ -178,6 +193,10 @@ class _Writer:
         self.floats = float_tensors(ckpt, name_map, model)  # lazy
         self.bytes_written = 0
         self.moments: dict[str, np.ndarray] = {}
+        # A float32 checkpoint is written in float16 throughout, as its plan counts it;
+        # float32 tensors of a 16-bit checkpoint (Qwen3.5's A_log) are kept as they are.
+        weights = [t for t in name_map.tensors if t.quantizable]
+        self.f32_source = bool(weights) and source_dtype(ckpt, weights[0]) == "float32"
 
     def outputs(self) -> list[tuple[MlxTensor, list[OutTensor]]]:
         out = []
@@ -187,11 +206,14 @@ class _Writer:
                 dtype = DTYPE_OF_NAME[kept_scale_dtype(self.ckpt, t, d)
                                       or storage_dtype(self.ckpt, t)]
                 lead, in_dim = t.shape[:-1], t.shape[-1]
-                out.append((t, [
-                    OutTensor(f"{t.module}.weight", "U32", (*lead, in_dim * d.bits // 32)),
-                    OutTensor(f"{t.module}.scales", dtype, (*lead, in_dim // d.group_size)),
-                    OutTensor(f"{t.module}.biases", dtype, (*lead, in_dim // d.group_size)),
-                ]))
+                groups = (*lead, in_dim // d.group_size)
+                outs = [OutTensor(f"{t.module}.weight", "U32", (*lead, in_dim * d.bits // 32))]
+                if d.mode == "affine":
+                    outs += [OutTensor(f"{t.module}.scales", dtype, groups),
+                             OutTensor(f"{t.module}.biases", dtype, groups)]
+                else:  # microscaling modes: one uint8 scale per group, no bias
+                    outs.append(OutTensor(f"{t.module}.scales", "U8", groups))
+                out.append((t, outs))
             elif t.quantizable:
                 dtype = DTYPE_OF_NAME[storage_dtype(self.ckpt, t)]
                 out.append((t, [OutTensor(t.key, dtype, t.shape)]))
@@ -199,8 +221,13 @@ class _Writer:
                 array = self.floats[t.key]
                 if array.dtype not in _MX_DTYPES:
                     raise ConvertError(f"{t.key} has unsupported dtype {array.dtype}")
-                out.append((t, [OutTensor(t.key, _MX_DTYPES[array.dtype], t.shape)]))
+                dtype = _MX_DTYPES[array.dtype]
+                out.append((t, [OutTensor(t.key, "F16" if self._narrowed(array) else dtype,
+                                          t.shape)]))
         return out
+
+    def _narrowed(self, array: mx.array) -> bool:
+        return self.f32_source and array.dtype == mx.float32
 
     def write(self, folder: Path, max_shard_bytes: int, progress: bool) -> dict[str, float]:
         outputs = self.outputs()
@@ -261,8 +288,22 @@ class _Writer:
                 bar.update(size)
         return (err_sq / ref_sq) ** 0.5 if ref_sq else 0.0
 
+    def _float_mode_block(self, t: MlxTensor, slot: int, r0: int, r1: int):
+        """mxfp4/mxfp8/nvfp4 rows exactly as mx.quantize would write them."""
+        d = self.plan.decisions[t.module]
+        w = read_slot_rows(self.ckpt, t.slots[slot], r0, r1)
+        packed, scales = modes.quantize(w, d.mode, source_dtype(self.ckpt, t))
+        diff = modes.dequantize(packed, scales, d.mode) - w
+        first_row = slot * t.shape[-2] + r0
+        with self._lock:
+            self._write(f"{t.module}.weight", packed, first_row * packed.shape[-1])
+            self._write(f"{t.module}.scales", scales, first_row * scales.shape[-1])
+        return float(np.vdot(diff, diff)), float(np.vdot(w, w)), w.size
+
     def _fit_block(self, t: MlxTensor, slot: int, r0: int, r1: int) -> tuple[float, float, int]:
         d = self.plan.decisions[t.module]
+        if d.mode != "affine":
+            return self._float_mode_block(t, slot, r0, r1)
         scale_dtype = storage_dtype(self.ckpt, t)
         store = DTYPE_OF_NAME[scale_dtype]
         w = read_slot_rows(self.ckpt, t.slots[slot], r0, r1)
@@ -297,6 +338,11 @@ class _Writer:
 
     def _float(self, t: MlxTensor, out: OutTensor, bar) -> None:
         array = self.floats.pop(t.key)  # read now, freed after writing
+        if self._narrowed(array):
+            array = array.astype(mx.float16)
+            if not bool(mx.all(mx.isfinite(array))):
+                raise ConvertError(f"{t.key} overflows float16, which float32 sources are "
+                                   "written in")
         if array.dtype == mx.bfloat16:
             raw = np.array(array.view(mx.uint16))
         else:

@@ -60,8 +60,9 @@ class NpModel:
         weights = {}
         for path, module in model.named_modules():
             if isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
-                w = mx.dequantize(module.weight, module.scales, module.biases,
-                                  module.group_size, module.bits)
+                w = mx.dequantize(module.weight, module.scales, module.get("biases"),
+                                  module.group_size, module.bits, mode=module.mode,
+                                  dtype=mx.float32)
                 weights[f"{path}.weight"] = np.array(w.astype(mx.float32))
             elif isinstance(module, (nn.Linear, nn.Embedding, nn.RMSNorm)):
                 weights[f"{path}.weight"] = np.array(module.weight.astype(mx.float32))

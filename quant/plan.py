@@ -3,8 +3,9 @@
 The allocator writes it, the converter follows it, and it is saved beside the
 converted checkpoint (swan-plan.json) so a user can see why each tensor got
 its bits. Bits per weight always count scale and bias overhead (b + 32/g with
-16-bit scale and bias) and count every float (unquantized) weight at 16 bits,
-over every parameter the MLX checkpoint stores.
+16-bit scale and bias; b + 8/g for the microscaling modes' 8-bit scale) and count
+every float (unquantized) weight at 16 bits, over every parameter the MLX
+checkpoint stores; the converter writes exactly those widths (convert.py).
 """
 
 from __future__ import annotations

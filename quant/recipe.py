@@ -50,6 +50,9 @@ class Budget(_Strict):
     objective: Literal["output", "weight"] = "output"
     bits: list[int] = list(SUPPORTED_BITS)
     group_sizes: list[int] = list(SUPPORTED_GROUP_SIZES)
+    # MLX quantization modes the budget may choose: affine (bits x group_sizes above)
+    # and the microscaling formats mxfp4 (4.25 bpw), nvfp4 (4.5), mxfp8 (8.25).
+    modes: list[str] = ["affine"]
     # Sensitivity prior = class_prior[class] * exp(score_slope * (composite - median)).
     score_slope: float = 4.0
     # Output objective: predicted KL x exp(output_score_slope * (composite - median)).
@@ -65,6 +68,14 @@ class Budget(_Strict):
         if not v or set(v) - set(SUPPORTED_BITS):
             raise ValueError(f"bits must be a non-empty subset of {SUPPORTED_BITS}")
         return sorted(set(v))
+
+    @field_validator("modes")
+    @classmethod
+    def _modes(cls, v: list[str]) -> list[str]:
+        known = ("affine", "mxfp4", "mxfp8", "nvfp4")
+        if not v or set(v) - set(known):
+            raise ValueError(f"modes must be a non-empty subset of {list(known)}")
+        return [m for m in known if m in v]
 
     @field_validator("group_sizes")
     @classmethod

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-ITEMSIZE = {"U32": 4, "F32": 4, "BF16": 2, "F16": 2}
+ITEMSIZE = {"U32": 4, "F32": 4, "BF16": 2, "F16": 2, "U8": 1}
 DTYPE_OF_NAME = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
 INDEX_NAME = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30  # mlx_lm's own shard size
@@ -25,7 +25,7 @@ DEFAULT_MAX_SHARD_BYTES = 5 * 2**30  # mlx_lm's own shard size
 @dataclass(frozen=True)
 class OutTensor:
     key: str
-    dtype: str  # "U32" | "F32" | "BF16" | "F16"
+    dtype: str  # "U32" | "F32" | "BF16" | "F16" | "U8"
     shape: tuple[int, ...]
 
     @property
@@ -41,6 +41,8 @@ def to_storage(values: np.ndarray, dtype: str) -> np.ndarray:
     values = np.asarray(values)
     if dtype == "U32":
         return values.astype("<u4", copy=False)
+    if dtype == "U8":
+        return values.astype(np.uint8, copy=False)
     if dtype == "F32":
         return values.astype("<f4", copy=False)
     if dtype == "F16":

@@ -29,14 +29,15 @@ from pathlib import Path
 
 import numpy as np
 
-from . import fit
+from . import fit, modes
+from . import settings as setting_mod
 from .affine import dequantize, quantize_dequantize
 from .manifest import sig
 from .mlx_names import MlxTensor, NameMap, read_slot_rows
 from .npmodel import NpModel
 from .sources.checkpoint import Checkpoint
 
-Setting = tuple[int, int]
+Setting = setting_mod.Setting  # (bits, group) affine, or (bits, group, mode)
 PROBE: Setting = (3, 64)  # the setting classes are calibrated at
 _SAMPLE_ELEMENTS = 1 << 18  # weights per matrix the candidate errors are measured on
 _BLOCK_ELEMENTS = 1 << 22
@@ -64,7 +65,7 @@ class Sensitivity:
         data = {
             "moments_source": self.moments_source,
             "class_gain": dict(sorted(self.class_gain.items())),
-            "errors": {m: {f"{b}/{g}": e for (b, g), e in sorted(errs.items())}
+            "errors": {m: {setting_mod.label(s): e for s, e in sorted(errs.items(), key=str)}
                        for m, errs in sorted(self.errors.items())},
         }
         Path(path).write_text(json.dumps(data, indent=1) + "\n")
@@ -72,7 +73,7 @@ class Sensitivity:
     @classmethod
     def load(cls, path: str | Path) -> Sensitivity:
         data = json.loads(Path(path).read_text())
-        errors = {m: {tuple(int(v) for v in k.split("/")): e for k, e in errs.items()}
+        errors = {m: {setting_mod.parse(k): e for k, e in errs.items()}
                   for m, errs in data["errors"].items()}
         return cls(errors=errors, class_gain=data["class_gain"],
                    moments_source=data.get("moments_source", ""))
@@ -102,9 +103,20 @@ def _sample_rows(ckpt: Checkpoint, slot, rows: int, in_dim: int) -> tuple[np.nda
     return sample, rows / sample.shape[0]
 
 
+def _candidate_diff(w: np.ndarray, s: Setting, scale_dtype: str, source_dtype: str,
+                    options: fit.FitOptions, imp: np.ndarray | None) -> np.ndarray:
+    """W_hat - W for one candidate, as the converter would write it."""
+    mode = setting_mod.mode_of(s)
+    if mode != "affine":  # exactly mx.quantize's codes, computed in the source's dtype
+        return modes.error(w, mode, source_dtype)
+    codes, scales, biases = fit.fit(w, s[0], s[1], scale_dtype, options, importance=imp)
+    return dequantize(codes, scales, biases, s[1]) - w
+
+
 def module_errors(ckpt: Checkpoint, tensor: MlxTensor, moments: dict[str, np.ndarray],
                   settings: list[Setting], scale_dtype: str,
-                  options: fit.FitOptions = fit.FAST) -> dict[Setting, float]:
+                  options: fit.FitOptions = fit.FAST,
+                  source_dtype: str = "float32") -> dict[Setting, float]:
     """Predicted output error of each setting for one quantizable module."""
     rows, in_dim = tensor.shape[-2], tensor.shape[-1]
     slots = range(len(tensor.slots))
@@ -115,10 +127,9 @@ def module_errors(ckpt: Checkpoint, tensor: MlxTensor, moments: dict[str, np.nda
         w, weight = _sample_rows(ckpt, tensor.slots[slot], rows, in_dim)
         imp = importance_of(moments, tensor, int(slot))
         d = np.ones(in_dim, np.float32) if imp is None else imp
-        for bits, group in settings:
-            codes, scales, biases = fit.fit(w, bits, group, scale_dtype, options, importance=imp)
-            diff = dequantize(codes, scales, biases, group) - w
-            totals[(bits, group)] += weight * float(np.einsum("ij,ij,j->", diff, diff, d))
+        for s in settings:
+            diff = _candidate_diff(w, s, scale_dtype, source_dtype, options, imp)
+            totals[s] += weight * float(np.einsum("ij,ij,j->", diff, diff, d))
     scale = len(tensor.slots) / len(slots)
     return {s: sig(v * scale) for s, v in totals.items()}
 
@@ -129,13 +140,39 @@ def candidate_errors(ckpt: Checkpoint, name_map: NameMap, moments: dict[str, np.
     """module -> setting -> predicted output error, for every module in settings_of."""
     from tqdm import tqdm
 
-    from .convert import storage_dtype
+    from .convert import source_dtype, storage_dtype
 
     tensors = name_map.by_module()
     out = {}
     for module in tqdm(sorted(settings_of), desc="output errors", disable=not progress):
         t = tensors[module]
-        out[module] = module_errors(ckpt, t, moments, settings_of[module], storage_dtype(ckpt, t))
+        out[module] = module_errors(ckpt, t, moments, settings_of[module], storage_dtype(ckpt, t),
+                                    source_dtype=source_dtype(ckpt, t))
+    return out
+
+
+def relative_mode_errors(ckpt: Checkpoint, name_map: NameMap, mode_names: list[str],
+                         ) -> dict[str, dict[Setting, float]]:
+    """module -> microscaling setting -> relative weight MSE ||W_hat - W||^2 / ||W||^2
+    (on the same row sample as module_errors): what the weight objective compares
+    with the analyzer's affine candidates."""
+    from .convert import source_dtype
+
+    out = {}
+    for t in name_map.quantizable():
+        candidates = setting_mod.float_mode_settings(mode_names, t.shape[-1])
+        if not candidates:
+            continue
+        err = {s: 0.0 for s in candidates}
+        ref = 0.0
+        slots = np.linspace(0, len(t.slots) - 1, min(len(t.slots), _EXPERT_SAMPLE))
+        for slot in slots.round().astype(int):
+            w, _ = _sample_rows(ckpt, t.slots[slot], t.shape[-2], t.shape[-1])
+            ref += float(np.vdot(w, w))
+            for s in candidates:
+                diff = modes.error(w, setting_mod.mode_of(s), source_dtype(ckpt, t))
+                err[s] += float(np.vdot(diff, diff))
+        out[t.module] = {s: sig(e / ref) if ref else 0.0 for s, e in err.items()}
     return out
 
 
