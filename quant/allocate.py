@@ -209,7 +209,10 @@ def _budget(units: list[Unit], recipe: Recipe, target: float, float_params: int,
         floor = (fixed_bits + sum(min(o.cost for o in opts) for opts in options)) / total
         raise AllocationError(f"target {target} bpw is below the smallest possible "
                               f"{floor:.3f} bpw for this model") from None
-    why = "budget, predicted KL" if sensitivity is not None else "budget, weight error"
+    why = "budget, weight error"
+    if sensitivity is not None:  # "imatrix": priors as gains, no KL calibration (objective.py)
+        why = ("budget, imatrix-weighted output error" if sensitivity.moments_source == "imatrix"
+               else "budget, predicted KL")
     for u, allowed, opts, i in zip(live, settings, options, chosen, strict=True):
         decisions[u.module] = _decision(u, allowed[i], f"{why}: loss {opts[i].loss:.3g}")
     return dict(sorted(decisions.items()))
