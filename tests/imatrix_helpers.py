@@ -77,8 +77,10 @@ def _wrap(model: nn.Module, path: str, sums: dict, on_output: bool = False) -> N
     parent[leaf] = _Recorder(parent[leaf], path, sums, on_output)
 
 
-def record_sums(model_dir: Path, text: str = TEXT) -> dict[str, Sums]:
-    """GGUF tensor name -> sums of x^2 and counts, from running the model on text."""
+def record_sums(model_dir: Path, text: str = TEXT, llama_order: bool = True
+                ) -> dict[str, Sums]:
+    """GGUF tensor name -> sums of x^2 and counts, from running the model on text;
+    llama_order: input channels in the order llama.cpp's converted model has them."""
     from mlx_lm import load
 
     model, tokenizer = load(str(model_dir))
@@ -100,8 +102,20 @@ def record_sums(model_dir: Path, text: str = TEXT) -> dict[str, Sums]:
     for path, sums in by_module.items():
         hf = (f"{gguf_names.model_prefix(arch)}.embed_tokens.weight" if path == "model.norm"
               else modules[path].sources[0])
+        if llama_order and hf.endswith("linear_attn.out_proj.weight"):
+            sums = Sums(_tiled(ckpt.config, sums.values), sums.counts)
         out[gguf_names.to_gguf(arch, hf)] = sums
     return out
+
+
+def _tiled(config: dict, values: np.ndarray) -> np.ndarray:
+    """Qwen3.5's out_proj input as llama.cpp sees it: the converter (the fixture GGUF
+    writer's model of it) tiles the value heads along that axis."""
+    from swan_serve.quant.fixtures.gguf_writer import _reorder_v
+
+    t = config.get("text_config", config)
+    return _reorder_v(values, 1, t["linear_num_key_heads"], t["linear_num_value_heads"],
+                      t["linear_value_head_dim"])
 
 
 def write_gguf(path: Path, sums: dict[str, Sums], chunk_count: int = 1) -> Path:

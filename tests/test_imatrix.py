@@ -232,3 +232,38 @@ def test_swan_serve_imatrix_flag(dense, tmp_path):
     args = build_parser().parse_args([str(dense), "--imatrix", str(tmp_path / "absent.gguf")])
     with pytest.raises(BuildError, match="no such imatrix file"):
         prepare_model(args)
+
+
+def test_qwen3_5_moe_stacked_experts_get_per_expert_moments(tiny_checkpoint, tmp_path):
+    """Qwen3.5 keeps experts stacked in HF ([E, 2I, H] gate_up_proj): the file's
+    ffn_gate_exps and ffn_up_exps (one input) give its [E, H] moments, and every
+    MLX expert slot of switch_mlp.gate_proj / up_proj reads its own row."""
+    from swan_serve.quant.sensitivity import importance_of
+
+    src = tiny_checkpoint("qwen3_5_moe", tokenizer="small")
+    sums = record_sums(src)
+    gate = "blk.2.ffn_gate_exps.weight"
+    sums[gate.replace("gate", "up")] = sums[gate]  # llama.cpp's converter writes both halves
+    path = write_gguf(tmp_path / "q35.gguf", sums)
+    found = _moments(path, src)
+    assert found.warning() is None
+    stacked = found.moments["model.language_model.layers.2.mlp.experts.gate_up_proj"]
+    s = sums[gate]
+    seen = s.counts > 0
+    np.testing.assert_allclose(stacked[seen], s.values[seen] / s.counts[seen, None], rtol=1e-5)
+    ckpt = open_checkpoint(src)
+    tensors = build_name_map(ckpt.config, checkpoint_shapes(ckpt)).by_module()
+    # llama.cpp tiles out_proj's value-head channels; the moments come back in HF order.
+    out_proj = "model.language_model.layers.0.linear_attn.out_proj.weight"
+    hf_order = record_sums(src, llama_order=False)["blk.0.ssm_out.weight"]
+    want = hf_order.values[0] / hf_order.counts[0]
+    tiled = sums["blk.0.ssm_out.weight"]
+    assert not np.allclose(tiled.values[0] / tiled.counts[0], want)  # the test can fail
+    np.testing.assert_allclose(found.moments[out_proj], want, rtol=1e-5)
+    e = int(np.argmax(s.counts))
+    for role in ("gate_proj", "up_proj"):
+        t = tensors[f"language_model.model.layers.2.mlp.switch_mlp.{role}"]
+        np.testing.assert_array_equal(importance_of(found.moments, t, e), stacked[e])
+    run = _convert(src, tmp_path / "out", path)
+    assert run.returncode == 0, run.stderr
+    _generates(tmp_path / "out")

@@ -208,7 +208,8 @@ def imatrix_moments(path: str | Path, config: dict, shapes: dict[str, tuple[int,
         if placed is None:
             unknown.append(gname)
         for hf, means in (placed or {}).items():
-            found.setdefault(hf, []).append(means)
+            perm = _hf_channels(config, hf)
+            found.setdefault(hf, []).append(means if perm is None else means[..., perm])
     if not found:
         example = next(iter(sorted(file.entries)), "none")
         raise ImatrixError(f"imatrix {file.path.name} matches no tensor of this "
@@ -256,6 +257,18 @@ def _place(arch: str, gname: str, entry: ImatrixEntry, shapes: dict[str, tuple[i
         return {}
     means = _fill_unseen(entry)
     return {mapping.hf: means if len(shape) == 3 else means[0]}
+
+
+def _hf_channels(config: dict, hf: str) -> np.ndarray | None:
+    """The input-channel order llama.cpp changed (GGUF index of each HF channel): only
+    Qwen3.5's linear-attention out_proj, whose value heads it tiles (gguf_source.py)."""
+    if not hf.endswith("linear_attn.out_proj.weight"):
+        return None
+    from .gguf_source import v_head_perm
+
+    t = config.get("text_config", config)
+    n_k, n_v = t["linear_num_key_heads"], t["linear_num_value_heads"]
+    return None if n_k == n_v else v_head_perm(n_k, n_v, t["linear_value_head_dim"])
 
 
 def _experts_in_model(template: str, shapes: dict[str, tuple[int, ...]]) -> int:
