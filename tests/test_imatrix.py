@@ -267,3 +267,14 @@ def test_qwen3_5_moe_stacked_experts_get_per_expert_moments(tiny_checkpoint, tmp
     run = _convert(src, tmp_path / "out", path)
     assert run.returncode == 0, run.stderr
     _generates(tmp_path / "out")
+
+
+def test_cli_gguf_source_with_an_imatrix_uses_the_weighted_budget(dense, tmp_path):
+    from swan_serve.quant.fixtures.gguf_writer import write_gguf as write_model_gguf
+
+    model = write_model_gguf(dense, tmp_path / "src" / "qwen3.gguf")
+    run = _convert(model, tmp_path / "out", write_dat(tmp_path / "i.dat", record_sums(dense)))
+    assert run.returncode == 0, run.stderr
+    plan = (tmp_path / "out" / "swan-plan.json").read_text()
+    assert plan.count("budget, imatrix-weighted output error") == 16
+    _generates(tmp_path / "out")
