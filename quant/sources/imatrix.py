@@ -153,12 +153,13 @@ def _dat_entry(values: np.ndarray, ncall: int, name: str, path: Path) -> Imatrix
 
 
 def _per_matrix(entry: ImatrixEntry, n_mat: int, legacy: bool) -> ImatrixEntry:
-    """A legacy entry's flat values split into n_mat experts; a block of exactly 1.0
-    everywhere is llama.cpp's marker for an expert that saw nothing."""
-    if entry.means.shape[0] == n_mat or not legacy or entry.means.size % n_mat:
+    """One flat matrix of values split into n_mat experts (a legacy entry, or a GGUF
+    one from a merge of an old file: one count for all experts). In a legacy file a
+    block of exactly 1.0 everywhere is llama.cpp's marker for an expert that saw nothing."""
+    if entry.means.shape[0] == n_mat or entry.means.shape[0] != 1 or entry.means.size % n_mat:
         return entry
     means = entry.means.reshape(n_mat, -1)
-    seen = ~np.all(means == 1.0, axis=1)
+    seen = ~np.all(means == 1.0, axis=1) if legacy else np.repeat(entry.seen, n_mat)
     return ImatrixEntry(means, seen)
 
 
