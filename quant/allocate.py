@@ -252,7 +252,10 @@ def _budget(units: list[Unit], recipe: Recipe, target: float, float_params: int,
         what = f"{recipe.name}'s own" if floors else "the smallest possible"
         raise AllocationError(f"target {target} bpw is below {what} "
                               f"{floor:.3f} bpw for this model") from None
-    why = "budget, predicted KL" if sensitivity is not None else "budget, weight error"
+    why = "budget, weight error"
+    if sensitivity is not None:  # "imatrix": priors as gains, no KL calibration (objective.py)
+        why = ("budget, imatrix-weighted output error" if sensitivity.moments_source == "imatrix"
+               else "budget, predicted KL")
     for u, opts, i in zip(live, options, chosen, strict=True):
         setting = candidates[u.module][i]
         reason = f"{why}: loss {opts[i].loss:.3g}"

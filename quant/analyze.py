@@ -143,6 +143,7 @@ def analyse_matrix(
     scale_dtype: str,
     rng: np.random.Generator,
     tick: Tick,
+    importance: np.ndarray | None = None,
 ) -> MatrixResult:
     """The four metrics' raw material for one [out, in] matrix read through read_rows."""
     settings = config.analysis
@@ -154,7 +155,7 @@ def analyse_matrix(
     sample_rows = np.sort(rng.choice(rows, size=n_sample, replace=False))
     sample = read_rows(sample_rows)
     probes = _probes(cols, settings.probes, settings.seed)
-    sums = metrics.candidate_sums(sample, candidates, probes, scale_dtype)
+    sums = metrics.candidate_sums(sample, candidates, probes, scale_dtype, importance)
     row_kurtosis = metrics.row_excess_kurtosis(sample)
     del sample
     spectral, block = _spectral(read_rows, shape, row_energy, col_energy, settings, rng)
@@ -253,9 +254,11 @@ def _expert_spread(
 
 
 def analyse_tensor(
-    ckpt: Checkpoint, info: TensorInfo, cls: Classification, config: AnalysisConfig, tick: Tick
+    ckpt: Checkpoint, info: TensorInfo, cls: Classification, config: AnalysisConfig, tick: Tick,
+    moments: dict[str, np.ndarray] | None = None,
 ) -> TensorRecord:
-    """The manifest record of one tensor (streamed; stacked experts one at a time)."""
+    """The manifest record of one tensor (streamed; stacked experts one at a time).
+    moments (an imatrix, by HF name): weight the reconstruction error's input channels."""
     base = dict(
         name=info.name,
         shape=list(info.shape),
@@ -283,6 +286,7 @@ def analyse_tensor(
             SCALE_DTYPES[info.dtype],
             np.random.default_rng(_seed_of(settings.seed, info.name, expert)),
             lambda rows: tick(rows * row_bytes),
+            _importance(moments, info.name, expert),
         )
         for expert in experts
     ]
@@ -317,6 +321,15 @@ def analyse_tensor(
             else None
         ),
     )
+
+
+def _importance(moments: dict[str, np.ndarray] | None, name: str, expert: int | None
+                ) -> np.ndarray | None:
+    m = None if moments is None else moments.get(name)
+    if m is None:
+        return None
+    m = np.asarray(m, dtype=np.float64)
+    return m[expert or 0] if m.ndim == 2 else m
 
 
 def bytes_to_read(info: TensorInfo, cls: Classification, config: AnalysisConfig) -> int:
@@ -369,8 +382,12 @@ def analyze_checkpoint(
     config: AnalysisConfig | None = None,
     progress: bool = True,
     on_progress: ProgressCallback | None = None,
+    moments: dict[str, np.ndarray] | None = None,
 ) -> Manifest:
     """Analyse every tensor of the checkpoint in model_dir (raises CheckpointError).
+
+    `moments` (an imatrix, by HF weight name) weights each input channel of the
+    reconstruction error (metric 4, rel_rms_error) by its second moment.
 
     `progress` shows a bar (or log lines when not on a terminal); `on_progress` gets
     ("analyze", fraction done) as bytes are analysed."""
@@ -387,7 +404,7 @@ def analyze_checkpoint(
                 bar.update(nbytes)
 
         def run(item: tuple[TensorInfo, Classification]) -> TensorRecord:
-            record = analyse_tensor(ckpt, item[0], item[1], config, tick)
+            record = analyse_tensor(ckpt, item[0], item[1], config, tick, moments)
             with lock:
                 done[0] += 1
                 bar.set_postfix(f"{done[0]}/{len(work)} tensors")

@@ -41,6 +41,7 @@ class BuildOptions:
     analysis_config: str | None = None  # preset name or TOML path; None: swan-default
     gguf_file: str | None = None  # GGUF: which quant of a repo/folder (pattern)
     tokenizer: str | None = None  # GGUF: take the tokenizer from this HF id or folder
+    imatrix: str | None = None  # llama.cpp imatrix (GGUF or .dat): input importance
     extra: dict = field(default_factory=dict)
 
 
@@ -76,7 +77,8 @@ class PreparedBuild:
             say(f"building {self.model}: analyze, allocate, convert, verify")
             chosen = "keep" if options.recipe == "keep" else recipe
             quantize_model(source, tmp, recipe=chosen, target_bpw=options.target_bpw,
-                           analysis_config=options.analysis_config, on_progress=on_progress)
+                           analysis_config=options.analysis_config, on_progress=on_progress,
+                           imatrix=options.imatrix, log=say)
 
         info = {"model": self.model, "revision": self.resolved.revision, **self.identity}
         return self.cache.get_or_build(
@@ -107,6 +109,8 @@ def prepare_build(model: str, options: BuildOptions | None = None) -> PreparedBu
         "target_bpw": None if keep else options.target_bpw,
         "analysis_config": options.analysis_config,
     }
+    if options.imatrix is not None:  # a different imatrix is a different build
+        identity["imatrix_sha256"] = _imatrix_digest(options.imatrix)
     key = entry_key(resolved.source, resolved.revision, identity)
     cache = ModelCache(options.cache_dir)
     hit = None if options.rebuild else cache.lookup(resolved.source, key)
@@ -136,9 +140,13 @@ def quantize_model(
     force: bool = False,
     progress: bool = True,
     on_progress: ProgressCallback | None = None,
+    imatrix: str | Path | None = None,
+    log: Callable[[str], None] | None = None,
 ):
     """analyze -> allocate -> convert -> verify `model_dir` into `out_dir`; returns the
-    ConvertResult. A manifest file, when given, replaces the analysis."""
+    ConvertResult. A manifest file, when given, replaces the analysis. `imatrix`: a
+    llama.cpp importance matrix whose input moments weight the analyzer's error, the
+    budget's objective and the group fit; `log` gets its coverage warning."""
     from .allocate import build_plan
     from .analyze import analyze_checkpoint
     from .convert import convert
@@ -146,17 +154,23 @@ def quantize_model(
     from .mlx_names import build_name_map, checkpoint_shapes, tied_embeddings
     from .scoring import load_config
 
+    if recipe == "keep" and imatrix is not None:
+        raise BuildError("--recipe keep carries the GGUF's own grid over; an imatrix "
+                         "has nothing to change there: drop --imatrix")
     if recipe == "keep":  # a GGUF's own grid carried over: no analysis, no budget
         return _keep_model(model_dir, out_dir, force, progress, on_progress)
     recipe = recipe if isinstance(recipe, Recipe) else _load_recipe(recipe)
+    ckpt = open_checkpoint(model_dir)
+    name_map = build_name_map(ckpt.config, checkpoint_shapes(ckpt))
+    given = None  # read first: a file for another model fails before minutes of analysis
+    if imatrix is not None:
+        given = _read_imatrix(imatrix, ckpt, name_map, log)
     if manifest_path is not None:
         manifest = Manifest.load(manifest_path)
     else:
         manifest = analyze_checkpoint(model_dir, load_config(analysis_config), progress=progress,
-                                      on_progress=on_progress)
-    ckpt = open_checkpoint(model_dir)
-    name_map = build_name_map(ckpt.config, checkpoint_shapes(ckpt))
-    sensitivity = moments = None
+                                      on_progress=on_progress, moments=given)
+    sensitivity, moments = None, given
     from .npmodel import supports
 
     # The output objective runs the model in numpy (dense Llama-family only for now);
@@ -167,8 +181,13 @@ def quantize_model(
     if budgeted and recipe.budget.objective == "output" and runnable:
         from .objective import measure
 
-        sensitivity, moments = measure(model_dir, manifest, recipe, progress=progress,
+        sensitivity, moments = measure(model_dir, manifest, recipe, given, progress=progress,
                                        name_map=name_map)
+    elif budgeted and recipe.budget.objective == "output" and given:
+        from .objective import weighted
+
+        sensitivity = weighted(ckpt, manifest, recipe, name_map, given,
+                               tied_embeddings(ckpt.config), progress=progress)
     mode_errors = None
     if recipe.mode == "budget" and sensitivity is None and set(recipe.budget.modes) - {"affine"}:
         from .sensitivity import relative_mode_errors
@@ -190,6 +209,32 @@ def quantize_model(
             staged_manifest.unlink(missing_ok=True)
     verify_generates(out_dir)
     return result
+
+
+def _read_imatrix(path: str | Path, ckpt, name_map, log: Callable[[str], None] | None
+                  ) -> dict:
+    import sys
+
+    from .mlx_names import checkpoint_shapes
+    from .sources.imatrix import ImatrixError, imatrix_moments
+
+    try:
+        found = imatrix_moments(path, ckpt.config, checkpoint_shapes(ckpt), name_map)
+    except ImatrixError as exc:
+        raise BuildError(str(exc)) from None
+    warning = found.warning()
+    if warning:
+        (log or (lambda m: print(m, file=sys.stderr)))(f"warning: {warning}")
+    return found.moments
+
+
+def _imatrix_digest(path: str) -> str:
+    from .sources.imatrix import file_digest
+
+    try:
+        return file_digest(Path(path).expanduser())
+    except OSError as exc:
+        raise BuildError(f"cannot read imatrix {path}: {exc.strerror or exc}") from None
 
 
 def _keep_model(model_dir: Path, out_dir: Path, force: bool, progress: bool,

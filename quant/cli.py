@@ -15,9 +15,10 @@ from .cache_cli import CacheCommandError, add_cache
 from .manifest import ManifestError
 from .scoring import ConfigError
 from .sources.checkpoint import CheckpointError
+from .sources.imatrix import ImatrixError
 
 INPUT_ERRORS: tuple[type[Exception], ...] = (
-    CheckpointError, ManifestError, ConfigError, CacheCommandError)
+    CheckpointError, ManifestError, ConfigError, CacheCommandError, ImatrixError)
 
 
 class CommandError(Exception):
@@ -126,6 +127,9 @@ def add_convert(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", default=None, help="analysis preset or TOML (swan-default)")
     p.add_argument("--force", action="store_true", help="replace a non-empty output directory")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--imatrix", type=Path, default=None, metavar="FILE",
+                   help="llama.cpp importance matrix (imatrix.gguf or legacy .dat): its input "
+                        "moments weight the analysis, the budget and the group fit")
     _add_gguf_options(p)
     p.set_defaults(run=run_convert)
 
@@ -153,7 +157,8 @@ def run_convert(args: argparse.Namespace) -> int:
         result = quantize_model(_model_dir(args.model, args), out, recipe=recipe,
                                 target_bpw=args.target_bpw, analysis_config=args.config,
                                 manifest_path=args.manifest, force=args.force,
-                                progress=not args.no_progress)
+                                progress=not args.no_progress, imatrix=args.imatrix,
+                                log=lambda m: print(f"swan-quant: {m}", file=sys.stderr))
     except (AllocationError, BuildError, ConvertError, NameMapError, RecipeError) as exc:
         raise CommandError(str(exc)) from None
     plan = result.plan

@@ -259,9 +259,11 @@ def probe_median_ratio(err_probe_sq: np.ndarray, w_probe_sq: np.ndarray) -> floa
     return float(np.median(np.sqrt(err_probe_sq[valid] / w_probe_sq[valid])))
 
 
-def _sum_sq(x: np.ndarray) -> float:
+def _sum_sq(x: np.ndarray, d: np.ndarray | None = None) -> float:
     # einsum: numpy's own loop, single-threaded and so reproducible bit for bit.
-    return float(np.einsum("ij,ij->", x, x, dtype=np.float64))
+    if d is None:
+        return float(np.einsum("ij,ij->", x, x, dtype=np.float64))
+    return float(np.einsum("ij,ij,j->", x, x, d, dtype=np.float64))
 
 
 def _column_sq(x: np.ndarray) -> np.ndarray:
@@ -273,16 +275,22 @@ def candidate_sums(
     candidates: list[tuple[int, int]],
     probes: np.ndarray,
     scale_dtype: str = "float32",
+    importance: np.ndarray | None = None,
 ) -> list[ErrorSums]:
-    """ErrorSums of quantize-dequantize of rows w (r, in) for each (bits, group_size)."""
+    """ErrorSums of quantize-dequantize of rows w (r, in) for each (bits, group_size).
+
+    importance: per-input-channel second moments E[x_j^2] (an imatrix); with them the
+    reconstruction sums weight column j by them, so the relative error is
+    E||(W - W_hat) x||^2 / E||W x||^2 for inputs with those moments."""
     w = np.ascontiguousarray(w, dtype=np.float32)
-    w_sq = _sum_sq(w)
+    d = None if importance is None else np.asarray(importance, dtype=np.float64)
+    w_sq = _sum_sq(w, d)
     w_probe_sq = _column_sq(w @ probes)
     out = []
     for bits, group_size in candidates:
         err = affine.quantize_dequantize(w, bits, group_size, scale_dtype)
         err -= w
-        out.append(ErrorSums(_sum_sq(err), w_sq, _column_sq(err @ probes), w_probe_sq))
+        out.append(ErrorSums(_sum_sq(err, d), w_sq, _column_sq(err @ probes), w_probe_sq))
     return out
 
 

@@ -6,6 +6,16 @@ lets it write its own text (moments.py), measures every candidate's predicted
 output error and calibrates the class gains on that text
 (sensitivity.py). Moments given by the caller (an imatrix file) replace the
 self-generated ones; the self-generated text is still used for calibration.
+
+`weighted` is the budget's objective where the numpy model cannot run (MoE,
+hybrid and GGUF sources) but an imatrix gives the moments: the same predicted
+output errors E||(W - W_hat) x||^2, with the weight objective's class priors as
+the class gains. Why priors and not a neutral gain: the errors are in each
+module's own output units, and what one unit costs the logits depends on where
+the module writes (a value or down projection straight into the residual
+stream, a key through a softmax): without a calibration pass the priors are the
+only estimate of that ordering we have, and they are the same numbers the weight
+objective already trusts.
 """
 
 from __future__ import annotations
@@ -45,3 +55,27 @@ def measure(model_dir: str | Path, manifest: Manifest, recipe: Recipe,
     class_of = {u.module: u.tensor_class for u in units if u.module in settings}
     gains = calibrate(model, sequences, name_map, own, class_of)
     return Sensitivity(errors=errors, class_gain=gains, moments_source=source), own
+
+
+def weighted(ckpt, manifest: Manifest, recipe: Recipe, name_map: NameMap,
+             moments: dict[str, np.ndarray], tied_embeddings: bool = False, *,
+             progress: bool = False) -> Sensitivity:
+    """Sensitivity from given moments alone (no forward pass): see the module doc.
+    Modules the moments miss are measured with flat moments at the median level of
+    the given ones, so their errors stay on the same scale."""
+    units = build_units(manifest, name_map, recipe)
+    settings = budget_settings(units, recipe)
+    level = float(np.median([float(np.mean(v)) for v in moments.values()])) if moments else 1.0
+    filled = dict(moments)
+    for t in name_map.quantizable():
+        for src in t.sources:
+            if src not in filled:
+                filled[src] = np.full(t.shape[-1], level, np.float32)
+    errors = candidate_errors(ckpt, name_map, filled, settings, progress=progress)
+    budget = recipe.budget
+    gains = {u.tensor_class: budget.class_prior.get(u.tensor_class, budget.default_prior)
+             for u in units}
+    if tied_embeddings and "embedding" in gains:  # the embedding is the output head too
+        gains["embedding"] = max(gains["embedding"],
+                                 budget.class_prior.get("lm_head", budget.default_prior))
+    return Sensitivity(errors=errors, class_gain=gains, moments_source="imatrix")

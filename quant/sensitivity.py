@@ -81,12 +81,23 @@ class Sensitivity:
 
 def importance_of(moments: dict[str, np.ndarray], tensor: MlxTensor, slot: int
                   ) -> np.ndarray | None:
-    """The input moments of one slot (expert) of an MLX weight, if known."""
-    m = moments.get(tensor.sources[0]) if len(tensor.sources) == 1 else None
+    """The input moments of one slot (expert) of an MLX weight, if known: keyed by the
+    HF tensor the slot's rows come from ([in], or [n_experts, in] for an HF tensor
+    that stacks experts)."""
+    if tensor.slots:
+        piece = tensor.slots[slot][0]
+        name, expert = piece.hf_name, piece.expert
+    elif len(tensor.sources) == 1:
+        name, expert = tensor.sources[0], None
+    else:
+        return None
+    m = moments.get(name)
     if m is None:
         return None
     m = np.asarray(m, dtype=np.float32)
-    return m[slot] if m.ndim == 2 else m
+    if m.ndim == 2:
+        return m[slot if expert is None else expert]
+    return m
 
 
 def _sample_rows(ckpt: Checkpoint, slot, rows: int, in_dim: int) -> tuple[np.ndarray, float]:

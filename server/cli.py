@@ -52,12 +52,17 @@ def prepare_model(args: argparse.Namespace) -> tuple[Path | None, ModelProvider 
         if wants_gguf(model, args.gguf_file):
             raise ResolveError("--no-quantize serves safetensors as they are; GGUF weights "
                                "are converted (try --recipe keep to keep their own grid)")
+        if args.imatrix is not None:
+            raise BuildError("--imatrix guides quantization; --no-quantize does none")
         return resolve_model(model, args.revision).path, None
+    if args.imatrix is not None and not Path(args.imatrix).expanduser().is_file():
+        raise BuildError(f"no such imatrix file: {args.imatrix}")
     options = BuildOptions(target_bpw=args.target_bpw, recipe=args.recipe,
                            q_bits=args.q_bits, q_group_size=args.q_group_size,
                            cache_dir=args.cache_dir, rebuild=args.rebuild,
                            revision=args.revision, gguf_file=args.gguf_file,
-                           tokenizer=args.tokenizer)
+                           tokenizer=args.tokenizer,
+                           imatrix=None if args.imatrix is None else str(args.imatrix))
     if looks_like_repo_id(model):
         return None, lambda on_progress: _build_from_hub(model, options, on_progress)
     prepared = prepare_build(model, options)
@@ -116,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--tokenizer", metavar="HF_ID_OR_DIR",
         help="GGUF MODEL: take the tokenizer from the original model instead of rebuilding "
         "it from the GGUF metadata")
+    add("--imatrix", type=Path, metavar="FILE",
+        help="llama.cpp importance matrix (imatrix.gguf or legacy .dat) for MODEL: its input "
+        "moments weight the analysis, the bit budget and the group fit; part of the cache key")
     add("--no-quantize", action="store_true",
         help="serve the model's weights as they are, without quantizing")
     add("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, loopback only)")
