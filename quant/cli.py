@@ -13,11 +13,17 @@ from pathlib import Path
 
 from .cache_cli import CacheCommandError, add_cache
 from .manifest import ManifestError
+from .prescale_options import (
+    MomentsFileError,
+    add_prescale_flags,
+    load_moments_file,
+    prescale_choice,
+)
 from .scoring import ConfigError
 from .sources.checkpoint import CheckpointError
 
 INPUT_ERRORS: tuple[type[Exception], ...] = (
-    CheckpointError, ManifestError, ConfigError, CacheCommandError)
+    CheckpointError, ManifestError, ConfigError, CacheCommandError, MomentsFileError)
 
 
 class CommandError(Exception):
@@ -123,6 +129,7 @@ def add_convert(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--force", action="store_true", help="replace a non-empty output directory")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     _add_gguf_options(p)
+    add_prescale_flags(p.add_argument)
     p.set_defaults(run=run_convert)
 
 
@@ -136,6 +143,8 @@ def run_convert(args: argparse.Namespace) -> int:
     out = Path(args.output).expanduser()
     if out.is_dir() and any(out.iterdir()) and not args.force:  # before minutes of analysis
         raise CommandError(f"{out} is not empty; pass --force to replace it")
+    moments = load_moments_file(args.moments) if args.moments else None
+    prescale = prescale_choice(moments is not None, args.no_awq, args.equalize)
     try:
         recipe = "keep" if args.recipe == "keep" else load_recipe(args.recipe)
         if args.target_bpw is not None and recipe == "keep":
@@ -146,7 +155,8 @@ def run_convert(args: argparse.Namespace) -> int:
         result = quantize_model(_model_dir(args.model, args), out, recipe=recipe,
                                 target_bpw=args.target_bpw, analysis_config=args.config,
                                 manifest_path=args.manifest, force=args.force,
-                                progress=not args.no_progress)
+                                progress=not args.no_progress, moments=moments,
+                                prescale=prescale)
     except (AllocationError, BuildError, ConvertError, NameMapError, RecipeError) as exc:
         raise CommandError(str(exc)) from None
     plan = result.plan

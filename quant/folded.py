@@ -25,10 +25,10 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from .fold_groups import FoldGroup
-from .mlx_names import NameMap, build_model
-from .prescale import GroupScale
-from .sources.checkpoint import Checkpoint, Rows, _rows_index
+from .fold_groups import FoldGroup, fold_groups
+from .mlx_names import NameMap, build_model, build_name_map, checkpoint_shapes
+from .prescale import DEFAULT_SETTING, GroupScale, Method, SearchSetting, group_scales
+from .sources.checkpoint import Checkpoint, Rows, _rows_index, open_checkpoint
 
 _MX_DTYPES = {"BF16": mx.bfloat16, "F16": mx.float16, "F32": mx.float32, "F64": mx.float32}
 
@@ -43,6 +43,7 @@ class FoldedCheckpoint(Checkpoint):
         super().__init__(base.root, base.config, base.tensors, base.files)
         self.base = base
         self.cols, self.rows, self.norms = cols, rows, norms
+        self.chosen: dict[str, GroupScale] = {}  # the search's result, for the log
 
     # -- reads: the base's values times the factors -----------------------------
 
@@ -194,3 +195,26 @@ def fold_moments(moments: dict[str, np.ndarray], folded: FoldedCheckpoint
         col = folded.cols.get(name)
         out[name] = d if col is None else (np.asarray(d) / np.square(col)).astype(np.float32)
     return out
+
+
+def prescaled(model_dir: str | Path | Checkpoint, method: Method,
+              moments: dict[str, np.ndarray] | None = None,
+              setting: SearchSetting = DEFAULT_SETTING) -> FoldedCheckpoint:
+    """model_dir's checkpoint with `method`'s scales (prescale.py) folded in."""
+    base = open_checkpoint(model_dir)
+    name_map = build_name_map(base.config, checkpoint_shapes(base))
+    groups = fold_groups(base.config, name_map)
+    scales = group_scales(base, groups, method, moments, setting)
+    view = fold(base, name_map, groups, scales)
+    view.chosen = scales
+    return view
+
+
+def describe(view: FoldedCheckpoint) -> str:
+    """One line for the log: how many groups were scaled and the error they save."""
+    chosen = view.chosen
+    scaled = [g for g in chosen.values() if g.alpha > 0]
+    before = sum(g.error_unscaled for g in chosen.values())
+    after = sum(g.error for g in chosen.values())
+    saved = f", weighted error {after / before:.3f}x of unscaled" if before else ""
+    return f"pre-scaled {len(scaled)} of {len(chosen)} fold groups{saved}"

@@ -48,6 +48,9 @@ class SearchSetting:
     group_size: int = 64
 
 
+DEFAULT_SETTING = SearchSetting()
+
+
 @dataclass(frozen=True)
 class GroupScale:
     scale: np.ndarray  # s, float32 [group.size], geometric mean 1
@@ -79,7 +82,7 @@ def slot_moments(moments: dict[str, np.ndarray], tensor: MlxTensor, slot: int
 
 def group_scales(ckpt: Checkpoint, groups: list[FoldGroup], method: Method,
                  moments: dict[str, np.ndarray] | None = None,
-                 setting: SearchSetting = SearchSetting()) -> dict[str, GroupScale]:
+                 setting: SearchSetting = DEFAULT_SETTING) -> dict[str, GroupScale]:
     """The chosen scale of every group (alpha 0 groups included, s = 1)."""
     if method == "awq" and not moments:
         raise ValueError("AWQ pre-scaling needs input moments (an imatrix)")
