@@ -5,7 +5,10 @@ and the producer absorbs 1/s, so the model is unchanged before quantization;
 after it, the error each consumer adds is (Q(W s) - W s) / s applied to x, whose
 expected size is
 
-    err(s) = sum_j d_j / s_j^2 * sum_i (Q(W s) - W s)_ij^2,    d_j = E[x_j^2].
+    err(s) = sum_j d_j / s_j^2 * sum_i (Q(W s) - W s)_ij^2,    d_j = E[x_j^2],
+
+Q being the group fit that convert runs (fit.py, importance d / s^2, its fast
+setting here).
 
 Both methods pick s = base^alpha (geometric mean 1) with alpha from a small grid
 that includes 0 (s = 1), by the smallest err(s) at the setting the weights will
@@ -29,7 +32,7 @@ from typing import Literal
 
 import numpy as np
 
-from . import affine
+from . import affine, fit
 from .fold_groups import FoldGroup
 from .mlx_names import MlxTensor, read_slot_rows
 from .sources.checkpoint import Checkpoint
@@ -162,8 +165,13 @@ def _sinkhorn_base(weights: list[np.ndarray], cols: np.ndarray, size: int) -> np
 
 
 def _error(w: np.ndarray, d: np.ndarray, s: np.ndarray, bits: int, group_size: int) -> float:
-    """sum_j d_j / s_j^2 * sum_i (Q(W s) - W s)_ij^2."""
+    """sum_j d_j / s_j^2 * sum_i (Q(W s) - W s)_ij^2, Q the importance-weighted group fit
+    that convert runs (fit.py) with the moments the scaled module sees: searching with
+    plain rounding instead picks scales whose gain that fit has already taken."""
     scaled = w * s.astype(np.float32)
-    diff = affine.quantize_dequantize(scaled, bits, group_size) - scaled
+    seen = (d / np.square(s)).astype(np.float32)
+    codes, scales, biases = fit.fit(scaled, bits, group_size, "float32", fit.FAST,
+                                    importance=seen)
+    diff = affine.dequantize(codes, scales, biases, group_size) - scaled
     per_col = np.einsum("ij,ij->j", diff, diff, dtype=np.float64)
-    return float(per_col @ (d / np.square(s)))
+    return float(per_col @ seen)
