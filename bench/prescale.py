@@ -22,9 +22,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from quality import (  # noqa: E402  (bench/ is not a package)
     MODELS,
+    UNIFORM4,
     _table,
     evaluate_np,
     held_out_text,
+    mlx_lm_convert,
     storage_figures,
     windows,
 )
@@ -39,7 +41,8 @@ def run(name: str, targets: list[float], max_tokens: int) -> str:
     work = Path(tempfile.mkdtemp(prefix=f"swan-prescale-{name}-"))
     try:
         moments, _ = moments_mod.self_generated(src)
-        variants = {}
+        mlx_lm_convert(src, work / "uniform4", 4)
+        variants = {UNIFORM4: work / "uniform4"}
         for bpw in targets:
             for label, prescale, given in (("none", None, None), ("equalize", "equalize", None),
                                            ("awq", "awq", moments)):

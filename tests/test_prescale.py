@@ -200,3 +200,20 @@ def test_moments_for_another_model_are_refused(tmp_path) -> None:
     with pytest.raises(BuildError, match="name no weight"):
         quantize_model(DEMO_MODEL_DIR, tmp_path / "o", moments={"x.weight": np.ones(4)},
                        prescale="awq", progress=False)
+
+
+def test_swan_serve_flags_reach_the_build_and_its_cache_key(tmp_path) -> None:
+    from swan_serve.quant.build import BuildOptions, prepare_build
+    from swan_serve.server.cli import build_parser
+
+    path = tmp_path / "m.npz"
+    moments_mod.save({"model.layers.0.mlp.down_proj.weight": np.ones(768)}, path)
+    args = build_parser().parse_args(["--moments", str(path), "--no-awq", "--equalize"])
+    assert (args.moments, args.no_awq, args.equalize) == (str(path), True, True)
+    variants = [{}, {"moments_file": str(path)}, {"moments_file": str(path), "no_awq": True},
+                {"equalize": True}]
+    prepared = [prepare_build(str(DEMO_MODEL_DIR), BuildOptions(cache_dir=tmp_path / "c", **v))
+                for v in variants]
+    assert len({p.key for p in prepared}) == 4  # a build with other moments is not reused
+    assert [p.identity.get("prescale") for p in prepared] == [None, "awq", None, "equalize"]
+    assert "moments" not in prepared[0].identity  # old cache keys stay as they were
