@@ -13,6 +13,9 @@ import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Literal
+
+import numpy as np
 
 from .cache import ModelCache, entry_key
 from .progress import ProgressCallback
@@ -42,6 +45,9 @@ class BuildOptions:
     gguf_file: str | None = None  # GGUF: which quant of a repo/folder (pattern)
     tokenizer: str | None = None  # GGUF: take the tokenizer from this HF id or folder
     imatrix: str | None = None  # llama.cpp imatrix (GGUF or .dat): input importance
+    moments_file: str | None = None  # .npz of input moments (prescale_options.py)
+    no_awq: bool = False  # with moments, no AWQ pre-scaling
+    equalize: bool = False  # data-free pre-scaling
     extra: dict = field(default_factory=dict)
 
 
@@ -76,9 +82,11 @@ class PreparedBuild:
         def build(tmp: Path) -> None:
             say(f"building {self.model}: analyze, allocate, convert, verify")
             chosen = "keep" if options.recipe == "keep" else recipe
+            moments, prescale = _prescale_inputs(options)
             quantize_model(source, tmp, recipe=chosen, target_bpw=options.target_bpw,
                            analysis_config=options.analysis_config, on_progress=on_progress,
-                           imatrix=options.imatrix, log=say)
+                           imatrix=options.imatrix, moments=moments, prescale=prescale,
+                           log=say)
 
         info = {"model": self.model, "revision": self.resolved.revision, **self.identity}
         return self.cache.get_or_build(
@@ -111,6 +119,7 @@ def prepare_build(model: str, options: BuildOptions | None = None) -> PreparedBu
     }
     if options.imatrix is not None:  # a different imatrix is a different build
         identity["imatrix_sha256"] = _imatrix_digest(options.imatrix)
+    identity.update(_prescale_identity(options))
     key = entry_key(resolved.source, resolved.revision, identity)
     cache = ModelCache(options.cache_dir)
     hit = None if options.rebuild else cache.lookup(resolved.source, key)
@@ -141,12 +150,18 @@ def quantize_model(
     progress: bool = True,
     on_progress: ProgressCallback | None = None,
     imatrix: str | Path | None = None,
+    moments: dict[str, np.ndarray] | None = None,
+    prescale: Literal["awq", "equalize"] | None = None,
     log: Callable[[str], None] | None = None,
 ):
     """analyze -> allocate -> convert -> verify `model_dir` into `out_dir`; returns the
-    ConvertResult. A manifest file, when given, replaces the analysis. `imatrix`: a
-    llama.cpp importance matrix whose input moments weight the analyzer's error, the
-    budget's objective and the group fit; `log` gets its coverage warning."""
+    ConvertResult. A manifest file, when given, replaces the analysis.
+
+    imatrix: a llama.cpp importance matrix; moments: per-input-channel E[x^2] by HF
+    weight name (an imatrix's take precedence). They weight the analyzer's error, the
+    budget's objective and the group fit; `log` gets the imatrix coverage warning.
+    prescale: fold per-channel scales into the weights first (folded.py): "awq" from the
+    moments, "equalize" from the weights."""
     from .allocate import build_plan
     from .analyze import analyze_checkpoint
     from .convert import convert
@@ -161,16 +176,20 @@ def quantize_model(
         return _keep_model(model_dir, out_dir, force, progress, on_progress)
     recipe = recipe if isinstance(recipe, Recipe) else _load_recipe(recipe)
     ckpt = open_checkpoint(model_dir)
-    name_map = build_name_map(ckpt.config, checkpoint_shapes(ckpt))
-    given = None  # read first: a file for another model fails before minutes of analysis
+    given = moments  # read first: a file for another model fails before minutes of analysis
     if imatrix is not None:
-        given = _read_imatrix(imatrix, ckpt, name_map, log)
+        name_map = build_name_map(ckpt.config, checkpoint_shapes(ckpt))
+        given = {**(moments or {}), **_read_imatrix(imatrix, ckpt, name_map, log)}
+    source, fold = _prescaled_source(model_dir, prescale, given, target_bpw, progress)
+    moments = fold(given) if given is not None else None  # what the (folded) modules see
     if manifest_path is not None:
         manifest = Manifest.load(manifest_path)
     else:
-        manifest = analyze_checkpoint(model_dir, load_config(analysis_config), progress=progress,
-                                      on_progress=on_progress, moments=given)
-    sensitivity, moments = None, given
+        manifest = analyze_checkpoint(source, load_config(analysis_config), progress=progress,
+                                      on_progress=on_progress, moments=moments)
+    ckpt = open_checkpoint(source)
+    name_map = build_name_map(ckpt.config, checkpoint_shapes(ckpt))
+    sensitivity = None
     from .npmodel import supports
 
     # The output objective runs the model in numpy (dense Llama-family only for now);
@@ -182,11 +201,11 @@ def quantize_model(
         from .objective import measure
 
         sensitivity, moments = measure(model_dir, manifest, recipe, given, progress=progress,
-                                       name_map=name_map)
-    elif budgeted and recipe.budget.objective == "output" and given:
+                                       name_map=name_map, weights=ckpt, fold=fold)
+    elif budgeted and recipe.budget.objective == "output" and moments:
         from .objective import weighted
 
-        sensitivity = weighted(ckpt, manifest, recipe, name_map, given,
+        sensitivity = weighted(ckpt, manifest, recipe, name_map, moments,
                                tied_embeddings(ckpt.config), progress=progress)
     mode_errors = None
     if recipe.mode == "budget" and sensitivity is None and set(recipe.budget.modes) - {"affine"}:
@@ -201,7 +220,7 @@ def quantize_model(
         staged_manifest = out_dir.parent / f".{out_dir.name}.manifest.json"
         manifest.save(staged_manifest)
     try:
-        result = convert(model_dir, out_dir, plan, force=force, progress=progress,
+        result = convert(source, out_dir, plan, force=force, progress=progress,
                          manifest_path=manifest_path or staged_manifest, on_progress=on_progress,
                          moments=moments)
     finally:
@@ -235,6 +254,55 @@ def _imatrix_digest(path: str) -> str:
         return file_digest(Path(path).expanduser())
     except OSError as exc:
         raise BuildError(f"cannot read imatrix {path}: {exc.strerror or exc}") from None
+
+
+def _prescale_inputs(options: BuildOptions) -> tuple[dict | None, str | None]:
+    """(moments, prescale method) of the build options."""
+    from .prescale_options import MomentsFileError, load_moments_file, prescale_choice
+
+    try:
+        moments = load_moments_file(options.moments_file) if options.moments_file else None
+    except MomentsFileError as exc:
+        raise BuildError(str(exc)) from None
+    has_moments = moments is not None or options.imatrix is not None
+    return moments, prescale_choice(has_moments, options.no_awq, options.equalize)
+
+
+def _prescale_identity(options: BuildOptions) -> dict:
+    """Cache-key fields for moments and pre-scaling; none when neither is used, so the
+    keys of existing builds stay as they were."""
+    from .prescale_options import file_digest, prescale_choice
+
+    out: dict = {}
+    if options.moments_file:
+        try:
+            out["moments"] = file_digest(options.moments_file)
+        except OSError as exc:
+            raise BuildError(f"cannot read moments file {options.moments_file}: {exc}") from None
+    prescale = prescale_choice(bool(options.moments_file or options.imatrix), options.no_awq,
+                               options.equalize)
+    if prescale:
+        out["prescale"] = prescale
+    return out
+
+
+def _prescaled_source(model_dir: Path, prescale: str | None, moments: dict | None,
+                      target_bpw: float | None, progress: bool):
+    """(what to quantize: model_dir or its folded view, moments -> what the modules see)."""
+    if prescale is None:
+        return model_dir, lambda m: m
+    from .folded import describe, fold_moments, prescaled
+    from .prescale import setting_for
+
+    if prescale == "awq" and not moments:
+        raise BuildError("AWQ pre-scaling needs input moments (an imatrix); "
+                         "use --equalize or --no-awq without one")
+    if moments and not any(name in open_checkpoint(model_dir) for name in moments):
+        raise BuildError("the moments name no weight of this model (made for another model?)")
+    view = prescaled(model_dir, prescale, moments, setting_for(target_bpw))
+    if progress:
+        print(f"{prescale}: {describe(view)}")
+    return view, lambda m: fold_moments(m, view)
 
 
 def _keep_model(model_dir: Path, out_dir: Path, force: bool, progress: bool,

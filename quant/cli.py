@@ -13,12 +13,19 @@ from pathlib import Path
 
 from .cache_cli import CacheCommandError, add_cache
 from .manifest import ManifestError
+from .prescale_options import (
+    MomentsFileError,
+    add_prescale_flags,
+    load_moments_file,
+    prescale_choice,
+)
 from .scoring import ConfigError
 from .sources.checkpoint import CheckpointError
 from .sources.imatrix import ImatrixError
 
 INPUT_ERRORS: tuple[type[Exception], ...] = (
-    CheckpointError, ManifestError, ConfigError, CacheCommandError, ImatrixError)
+    CheckpointError, ManifestError, ConfigError, CacheCommandError, ImatrixError,
+    MomentsFileError)
 
 
 class CommandError(Exception):
@@ -131,6 +138,7 @@ def add_convert(sub: argparse._SubParsersAction) -> None:
                    help="llama.cpp importance matrix (imatrix.gguf or legacy .dat): its input "
                         "moments weight the analysis, the budget and the group fit")
     _add_gguf_options(p)
+    add_prescale_flags(p.add_argument)
     p.set_defaults(run=run_convert)
 
 
@@ -144,6 +152,9 @@ def run_convert(args: argparse.Namespace) -> int:
     out = Path(args.output).expanduser()
     if out.is_dir() and any(out.iterdir()) and not args.force:  # before minutes of analysis
         raise CommandError(f"{out} is not empty; pass --force to replace it")
+    moments = load_moments_file(args.moments) if args.moments else None
+    prescale = prescale_choice(moments is not None or args.imatrix is not None, args.no_awq,
+                               args.equalize)
     try:
         recipe = "keep" if args.recipe == "keep" else with_base_bits(
             load_recipe(args.recipe), args.q_bits, args.q_group_size)
@@ -158,6 +169,7 @@ def run_convert(args: argparse.Namespace) -> int:
                                 target_bpw=args.target_bpw, analysis_config=args.config,
                                 manifest_path=args.manifest, force=args.force,
                                 progress=not args.no_progress, imatrix=args.imatrix,
+                                moments=moments, prescale=prescale,
                                 log=lambda m: print(f"swan-quant: {m}", file=sys.stderr))
     except (AllocationError, BuildError, ConvertError, NameMapError, RecipeError) as exc:
         raise CommandError(str(exc)) from None

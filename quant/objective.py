@@ -20,6 +20,7 @@ objective already trusts.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -31,15 +32,22 @@ from .mlx_names import NameMap, build_name_map, checkpoint_shapes
 from .npmodel import NpModel
 from .recipe import Recipe
 from .sensitivity import Sensitivity, calibrate, candidate_errors
-from .sources.checkpoint import open_checkpoint
+from .sources.checkpoint import Checkpoint, open_checkpoint
 
 
 def measure(model_dir: str | Path, manifest: Manifest, recipe: Recipe,
             moments: dict[str, np.ndarray] | None = None, *, progress: bool = False,
             name_map: NameMap | None = None,
             options: moments_mod.MomentOptions = moments_mod.DEFAULT_OPTIONS,
+            weights: Checkpoint | None = None,
+            fold: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]] | None = None,
             ) -> tuple[Sensitivity, dict[str, np.ndarray]]:
-    """(sensitivity for the budget recipe, the input moments it used)."""
+    """(sensitivity for the budget recipe, the input moments it used).
+
+    weights: the checkpoint that will be quantized when it is not model_dir's own
+    weights (a pre-scaled view, folded.py); `fold` maps the float model's moments to
+    the ones its modules see (d / s^2). Calibration runs on the float model and its
+    own moments (the folded model computes the same function)."""
     ckpt = open_checkpoint(model_dir)
     name_map = name_map or build_name_map(ckpt.config, checkpoint_shapes(ckpt))
     model, tokenizer = NpModel.load(model_dir)
@@ -51,10 +59,11 @@ def measure(model_dir: str | Path, manifest: Manifest, recipe: Recipe,
         source = "given"
     units = build_units(manifest, name_map, recipe)
     settings = budget_settings(units, recipe)
-    errors = candidate_errors(ckpt, name_map, own, settings, progress=progress)
+    seen = fold(own) if fold is not None else own
+    errors = candidate_errors(weights or ckpt, name_map, seen, settings, progress=progress)
     class_of = {u.module: u.tensor_class for u in units if u.module in settings}
     gains = calibrate(model, sequences, name_map, own, class_of)
-    return Sensitivity(errors=errors, class_gain=gains, moments_source=source), own
+    return Sensitivity(errors=errors, class_gain=gains, moments_source=source), seen
 
 
 def weighted(ckpt, manifest: Manifest, recipe: Recipe, name_map: NameMap,

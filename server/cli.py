@@ -14,6 +14,7 @@ from pydantic import ValidationError
 from swan_serve import DEMO_MODEL_DIR, __version__
 from swan_serve.quant.build import BuildError, BuildOptions, prepare_build
 from swan_serve.quant.cache import CacheError
+from swan_serve.quant.prescale_options import add_prescale_flags
 from swan_serve.quant.progress import ProgressCallback
 from swan_serve.quant.sources.resolve import ResolveError
 
@@ -62,7 +63,9 @@ def prepare_model(args: argparse.Namespace) -> tuple[Path | None, ModelProvider 
                            cache_dir=args.cache_dir, rebuild=args.rebuild,
                            revision=args.revision, gguf_file=args.gguf_file,
                            tokenizer=args.tokenizer,
-                           imatrix=None if args.imatrix is None else str(args.imatrix))
+                           imatrix=None if args.imatrix is None else str(args.imatrix),
+                           moments_file=args.moments, no_awq=args.no_awq,
+                           equalize=args.equalize)
     if looks_like_repo_id(model):
         return None, lambda on_progress: _build_from_hub(model, options, on_progress)
     prepared = prepare_build(model, options)
@@ -124,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--imatrix", type=Path, metavar="FILE",
         help="llama.cpp importance matrix (imatrix.gguf or legacy .dat) for MODEL: its input "
         "moments weight the analysis, the bit budget and the group fit; part of the cache key")
+    add_prescale_flags(add)
     add("--no-quantize", action="store_true",
         help="serve the model's weights as they are, without quantizing")
     add("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, loopback only)")

@@ -7,7 +7,8 @@ touching the rest, and nothing stays mapped (mapped pages count towards RSS).
 bf16 becomes float32 by a 16-bit left shift of the raw uint16: no torch.
 
 API:
-    open_checkpoint(model_dir) -> Checkpoint          (raises CheckpointError)
+    open_checkpoint(model_dir) -> Checkpoint          (raises CheckpointError; a Checkpoint
+        passed in is returned as it is, so readers also take views such as folded.py's)
     Checkpoint.root, .config (dict from config.json), .files (sorted shard names),
         .tensors (list[TensorInfo], sorted by name), .info(name), name in ckpt,
         .read(name) -> float32 ndarray (the whole tensor),
@@ -219,7 +220,9 @@ def _shard_files(root: Path) -> tuple[list[str], dict[str, str] | None]:
     return files, None
 
 
-def open_checkpoint(model_dir: str | os.PathLike) -> Checkpoint:
+def open_checkpoint(model_dir: str | os.PathLike | Checkpoint) -> Checkpoint:
+    if isinstance(model_dir, Checkpoint):  # already open, e.g. a folded view (folded.py)
+        return model_dir
     root = Path(model_dir).expanduser()
     from .gguf_model import is_gguf_source, open_source
 
