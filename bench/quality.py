@@ -58,6 +58,7 @@ STORIES = Path("/work/shared/models/stories260K")
 MODELS = {"smollm2": SMOLLM2, "demo": DEMO_MODEL_DIR, "stories": STORIES}
 SEQ_LEN = 256
 UNIFORM4 = "uniform 4-bit g64 (mlx_lm)"
+UNIFORM3 = "uniform 3-bit g64 (mlx_lm)"
 
 
 def english_text(max_chars: int) -> str:
@@ -179,7 +180,7 @@ def build_variants(src: Path, work: Path, core_only: bool = False,
 
     jobs = [
         (UNIFORM4, lambda o: mlx_lm_convert(src, o, 4)),
-        ("uniform 3-bit g64 (mlx_lm)", lambda o: mlx_lm_convert(src, o, 3)),
+        (UNIFORM3, lambda o: mlx_lm_convert(src, o, 3)),
     ]
     if not core_only:
         jobs += [
@@ -309,16 +310,23 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _table(name: str, model: Path, ref_figures, figures, results) -> str:
-    base = results[UNIFORM4]["kl"] if UNIFORM4 in results else float("nan")
+def _table(name: str, model: Path, ref_figures, figures, results, same_bits: bool = True,
+           ) -> str:
+    """same_bits: divide 3-bit rows (3.5 bpw budgets, uniform 3-bit) by uniform 3-bit's KL
+    and the rest by uniform 4-bit's; otherwise every row by uniform 4-bit's."""
+    nan = {"kl": float("nan")}
+    base4 = results.get(UNIFORM4, nan)["kl"]
+    base3 = results.get(UNIFORM3, nan)["kl"] if same_bits else base4
     any_result = next(iter(results.values()))
     lines = [f"\n{name} ({model}); {any_result['tokens']} held-out tokens; KL(ref || quant) "
              "in nats; bpw = stored bits / weights (scales, biases, float tensors included)"]
-    header = ["variant", "bpw", "size MB", "KL mean", "KL p99", "KL / 4-bit", "PPL", "top-1"]
+    ratio = "KL / same-bits uniform" if same_bits else "KL / 4-bit"
+    header = ["variant", "bpw", "size MB", "KL mean", "KL p99", ratio, "PPL", "top-1"]
     body = [["float (reference)", f"{ref_figures[0]:.3f}", f"{ref_figures[1] / 1e6:.1f}", "0",
              "0", "-", f"{any_result['ppl_ref']:.3f}", "100.00%"]]
     for label, (bpw, size) in figures.items():
         r = results[label]
+        base = base3 if ("3.5" in label or "3-bit" in label) else base4
         body.append([label, f"{bpw:.3f}", f"{size / 1e6:.1f}", f"{r['kl']:.4f}",
                      f"{r['kl_p99']:.4f}", f"{r['kl'] / base:.2f}x", f"{r['ppl']:.3f}",
                      f"{100 * r['top1']:.2f}%"])

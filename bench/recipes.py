@@ -116,7 +116,7 @@ def run_model(name: str, src: Path, max_tokens: int, keep: Path | None) -> str:
     finally:
         if keep is None:
             shutil.rmtree(work, ignore_errors=True)
-    return _table(name, src, storage_figures(src), figures, results)
+    return _table(name, src, storage_figures(src), figures, results, same_bits=False)
 
 
 def main(argv: list[str] | None = None) -> int:
