@@ -101,6 +101,22 @@ def test_source_folder_is_an_ordinary_model_directory(tiny_checkpoint, tmp_path)
         "num_hidden_layers"]
 
 
+def test_a_moved_gguf_is_read_from_where_it_is_now(tiny_checkpoint, tmp_path):
+    """The source folder is keyed by content: the same GGUF at a new path (the old one
+    deleted) must be read from the new path, not the stale one."""
+    hf_dir = tiny_checkpoint("qwen3", tokenizer="small")
+    old = write_gguf(hf_dir, tmp_path / "a" / "m.gguf")
+    folder, _ = prepare_source(old, tmp_path / "sources")
+    new = tmp_path / "b" / "m.gguf"
+    new.parent.mkdir()
+    old.rename(new)
+    again, _ = prepare_source(new, tmp_path / "sources")
+    assert again == folder
+    ckpt = open_checkpoint(again)
+    name = next(t.name for t in ckpt.tensors if t.name.endswith("q_proj.weight"))
+    assert ckpt.read(name).shape == open_checkpoint(hf_dir).read(name).shape
+
+
 def _float_plan(folder: Path):
     from swan_serve.quant.allocate import uniform_plan
     from swan_serve.quant.mlx_names import build_name_map, checkpoint_shapes

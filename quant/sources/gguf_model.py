@@ -147,6 +147,7 @@ def prepare_source(first: Path, sidecar_root: Path, tokenizer: str | None = None
     ).hexdigest()[:16]
     target = sidecar_root / revision
     if (target / POINTER).is_file():
+        _repoint(target, ckpt)  # same content, but the files may have moved since
         return target, revision
     sidecar_root.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{revision}.partial-", dir=sidecar_root))
@@ -160,6 +161,25 @@ def prepare_source(first: Path, sidecar_root: Path, tokenizer: str | None = None
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return target, revision
+
+
+def _pointer(ckpt: GGUFCheckpoint) -> dict:
+    files = ckpt.model.files
+    return {"first": str(files[0]), "files": [str(p) for p in files]}
+
+
+def _repoint(folder: Path, ckpt: GGUFCheckpoint) -> None:
+    """A source folder is keyed by content: when the GGUF it was made from was moved,
+    copied or deleted and the same content turns up elsewhere, point at the new files."""
+    pointer = _pointer(ckpt)
+    try:
+        if json.loads((folder / POINTER).read_text()) == pointer:
+            return
+    except (OSError, ValueError):
+        pass
+    staging = folder / f".{POINTER}.{os.getpid()}.tmp"
+    staging.write_text(json.dumps(pointer, indent=2))
+    os.replace(staging, folder / POINTER)
 
 
 def _write_source(folder: Path, ckpt: GGUFCheckpoint, tok_folder: Path | None) -> None:
@@ -176,8 +196,7 @@ def _write_source(folder: Path, ckpt: GGUFCheckpoint, tok_folder: Path | None) -
     eos = eos_token_ids(model)
     if eos:
         (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": eos}))
-    pointer = {"first": str(model.files[0]), "files": [str(p) for p in model.files]}
-    (folder / POINTER).write_text(json.dumps(pointer, indent=2))
+    (folder / POINTER).write_text(json.dumps(_pointer(ckpt), indent=2))
 
 
 def first_gguf(model: str, gguf_file: str | None) -> Path:
