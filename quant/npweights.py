@@ -60,6 +60,7 @@ class Weights:
     def __init__(self, tied: bool):
         self.tied = tied
         self.overrides: dict[str, Override] = {}
+        self.block_elements = _HEAD_BLOCK_ELEMENTS  # bound on one head block's size
 
     # -- provided by subclasses -------------------------------------------------
     def __contains__(self, key: str) -> bool:
@@ -94,11 +95,10 @@ class Weights:
     def head_key(self) -> str:
         return EMBED if self.tied or "lm_head.weight" not in self else "lm_head.weight"
 
-    def row_blocks(self, key: str, block_elements: int = _HEAD_BLOCK_ELEMENTS
-                   ) -> Iterator[tuple[int, np.ndarray]]:
+    def row_blocks(self, key: str) -> Iterator[tuple[int, np.ndarray]]:
         """(first row, float32 rows) of a 2-D weight, a bounded block at a time."""
         rows, cols = self.shape(key)
-        step = max(1, block_elements // cols)
+        step = max(1, self.block_elements // cols)
         for r0 in range(0, rows, step):
             yield r0, self.rows(key, slice(r0, min(rows, r0 + step)))
 
