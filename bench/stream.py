@@ -33,17 +33,44 @@ from swan_serve.quant.fixtures import write_checkpoint
 from swan_serve.quant.fixtures.tokenizer import shared_dir
 
 _CHILD = """
-import sys
+import sys, time
+from pathlib import Path
+from swan_serve.quant import moments, objective
 from swan_serve.quant.manifest import Manifest
-from swan_serve.quant.moments import MomentOptions
 from swan_serve.quant.npmodel import NpModel
-from swan_serve.quant.objective import measure
 from swan_serve.quant.recipe import load_recipe
 src, manifest, path, tokens = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+phases, readings = [], [0.0]
+
+def peak_gb():  # VmHWM, then reset it (Linux clear_refs 5) so each phase has its own;
+    status = Path("/proc/self/status")  # the whole run's peak is the max of all readings
+    if not status.is_file():
+        return float("nan")
+    kb = next(int(line.split()[1]) for line in status.read_text().splitlines()
+              if line.startswith("VmHWM"))
+    Path("/proc/self/clear_refs").write_text("5")
+    readings.append(kb * 1024 / 1e9)
+    return readings[-1]
+
+def timed(module, name):
+    inner = getattr(module, name)
+    def wrapper(*args, **kwargs):
+        peak_gb()
+        start = time.perf_counter()
+        out = inner(*args, **kwargs)
+        phases.append(f"{name} {time.perf_counter() - start:.0f}s {peak_gb():.2f}GB")
+        return out
+    setattr(module, name, wrapper)
+
+for module, name in ((moments, "conversations"), (moments, "record"),
+                     (objective, "candidate_errors"), (objective, "calibrate")):
+    timed(module, name)
 given = NpModel.load(src) if path == "whole" else None
-sens, _ = measure(src, Manifest.load(manifest), load_recipe("budget"),
-                  options=MomentOptions(max_new_tokens=tokens), model_and_tokenizer=given)
-print(sorted(sens.class_gain.items()))
+sens, _ = objective.measure(src, Manifest.load(manifest), load_recipe("budget"),
+                            options=moments.MomentOptions(max_new_tokens=tokens),
+                            model_and_tokenizer=given)
+peak_gb()
+print(f"{max(readings):.2f}", ", ".join(phases))
 """
 
 
@@ -100,12 +127,16 @@ def main(argv: list[str] | None = None) -> int:
                    "-o", str(manifest), "--no-progress"])
         print(f"{src.name}: {size:.2f} GB bf16, one layer {layer_gb(config):.2f} GB float32, "
               f"{args.new_tokens} decode steps")
-        print(f"{'path':<8} {'wall s':>7} {'cpu s':>7} {'peak RSS GB':>11}  class gains")
+        print(f"{'path':<8} {'wall s':>7} {'cpu s':>7} {'peak RSS GB':>11}  "
+              "phases: wall, peak RSS of each")
         for path in args.paths.split(","):
-            figures, gains = run_child([sys.executable, "-c", _CHILD, str(src), str(manifest),
-                                        path, str(args.new_tokens)])
+            figures, out = run_child([sys.executable, "-c", _CHILD, str(src), str(manifest),
+                                     path, str(args.new_tokens)])
+            peak, phases = out.splitlines()[-1].split(" ", 1)
+            if peak != "nan":  # the resets hide earlier peaks from ru_maxrss
+                figures["peak_rss_gb"] = float(peak)
             print(f"{path:<8} {figures['wall_s']:>7} {figures['cpu_s']:>7} "
-                  f"{figures['peak_rss_gb']:>11}  {gains}", flush=True)
+                  f"{figures['peak_rss_gb']:>11}  {phases}", flush=True)
     return 0
 
 

@@ -77,7 +77,16 @@ class Weights:
 
     # -- shared ----------------------------------------------------------------
     def get(self, key: str) -> np.ndarray:
-        return _apply(self._read(key), self.overrides.get(key), None)
+        value, override = self._read(key), self.overrides.get(key)
+        if not callable(override) or value.ndim < 2:
+            return _apply(value, override, None)
+        # a row-wise function, applied a row block at a time: a quantizer's temporaries
+        # are then a block's, not several copies of a 12288 x 4096 matrix
+        out = np.empty(value.shape, np.float32)
+        step = max(1, self.block_elements // value.shape[-1])
+        for r0 in range(0, value.shape[0], step):
+            out[r0:r0 + step] = override(value[r0:r0 + step])
+        return out
 
     def rows(self, key: str, rows: slice | np.ndarray) -> np.ndarray:
         return _apply(self._read_rows(key, rows), self.overrides.get(key), rows)
