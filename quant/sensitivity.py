@@ -100,7 +100,9 @@ def _sample_rows(ckpt: Checkpoint, slot, rows: int, in_dim: int) -> tuple[np.nda
     parts = []
     step = max(stride, (_BLOCK_ELEMENTS // in_dim) // stride * stride)
     for r0 in range(0, rows, step):  # stream; keep every stride-th row
-        parts.append(read_slot_rows(ckpt, slot, r0, min(rows, r0 + step))[::stride])
+        # a copy: a strided view would keep each whole block alive (a 152k-row
+        # embedding's sample then held all of it in float32, 2.5 GB for Qwen3-8B)
+        parts.append(read_slot_rows(ckpt, slot, r0, min(rows, r0 + step))[::stride].copy())
     sample = np.concatenate(parts)
     return sample, rows / sample.shape[0]
 
