@@ -13,11 +13,16 @@ is also the output head: its moments are those of the head's input (the final
 norm's output); an untied input embedding is a row lookup, whose error per token
 is the row's error, so its moments are flat.
 
-The model runs in numpy (npmodel.py: MLX's CPU matmul is slow). Cost: the
+The model runs in numpy (npmodel.py: MLX's CPU matmul is slow), streamed from
+the checkpoint a decoder layer at a time (NpModel.stream), so memory stays near
+one layer in float32 + the KV cache whatever the model's size. Cost: the
 prompts' prefill, 48 decode steps for all 12 prompts together, and one forward
 pass over the ~1k tokens of conversation: about 2 * params * 2k FLOPs, ~4 TFLOP
-per billion parameters; the model is held in float32 in memory, so a model that
-does not fit needs an imatrix file instead (issue 14's reader).
+per billion parameters. Each forward call reads every weight once (the head in
+vocabulary blocks; no head at all for the recording pass), so this step reads
+the model 1 (prefill) + max_new_tokens (decode) + 1 (record) times: 50 reads by
+default: 0.8 TB for Qwen3-8B's 16.4 GB of bf16, from the page cache when the
+model fits in RAM, from disk when it does not (at 3 GB/s, ~5 s per decode step).
 Values are rounded to 4 significant digits so that the same checkpoint on the
 same build gives the same bytes downstream.
 """
@@ -106,15 +111,15 @@ def record(model: NpModel, sequences: list[list[int]], modules: dict[str, str],
         total = np.sum(weight * np.square(x, dtype=np.float64), axis=(0, 1))
         sums[path] = sums.get(path, 0.0) + total
 
-    model.forward(tokens, hook=hook)
+    model.forward(tokens, hook=hook, logits="none")
     count = float(valid.sum())
     out: Moments = {}
     for path, hf_name in modules.items():
         recorded = sums.get(path, sums.get(f"{path}#head"))
         if recorded is not None:
             out[hf_name] = recorded / count
-        elif f"{path}.weight" in model.w:  # an untied input embedding: a row lookup
-            out[hf_name] = np.ones(model.w[f"{path}.weight"].shape[-1])
+        elif f"{path}.weight" in model.weights:  # an untied input embedding: a row lookup
+            out[hf_name] = np.ones(model.weights.shape(f"{path}.weight")[-1])
     return {k: round_sig(v) for k, v in sorted(out.items())}
 
 
@@ -127,7 +132,7 @@ def self_generated(model_dir: str | Path, options: MomentOptions = DEFAULT_OPTIO
     ckpt = open_checkpoint(model_dir)
     name_map = build_name_map(ckpt.config, checkpoint_shapes(ckpt))
     modules = {t.module: t.sources[0] for t in name_map.quantizable() if len(t.sources) == 1}
-    model, tokenizer = model_and_tokenizer or NpModel.load(model_dir)
+    model, tokenizer = model_and_tokenizer or NpModel.stream(model_dir)
     sequences = conversations(model, tokenizer, options)
     return record(model, sequences, modules), sequences
 

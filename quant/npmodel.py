@@ -3,11 +3,20 @@
 MLX's CPU build multiplies matrices ~30x slower than numpy's BLAS, so the work
 that runs the model during quantization (self-generated text, input moments,
 class calibration) and the quality bench's evaluation run here when the device
-is a CPU. Weights come from mlx_lm's own loaded model (quantized modules are
-dequantized), so any checkpoint mlx_lm reads, float or quantized, is covered.
+is a CPU. Weights come through npweights.py: `NpModel.stream` reads a float
+safetensors checkpoint layer by layer (about one decoder layer in float32 at a
+time: what the quantizer's output objective uses, so a model far bigger than
+memory can be measured), `NpModel.load` takes mlx_lm's own loaded model whole
+(quantized modules dequantized: any checkpoint mlx_lm reads, e.g. the quality
+bench's converted variants).
 
-Batched, left-padded prompts with a KV cache; `hook(path, x)` sees the input of
-every linear module (path = MLX module path; the tied head is "<embed>#head").
+The forward pass is layer-major: every token of the batch goes through layer L
+before layer L+1 is read. Batched, left-padded prompts with a KV cache;
+`hook(path, x)` sees the input of every linear module (path = MLX module path;
+the tied head is "<embed>#head"). With streamed weights every forward call reads
+the whole model once (generation: once per decode step; the KV cache keeps
+decode steps to one token each), and the head is computed in vocabulary blocks
+so that a 152k-row head never sits whole in float32.
 """
 
 from __future__ import annotations
@@ -17,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from .npweights import StreamedWeights, Weights, WholeWeights
 
 Hook = Callable[[str, np.ndarray], None]
 SUPPORTED = ("llama", "qwen2", "qwen3", "mistral")
@@ -39,17 +50,23 @@ def supports(config: dict) -> bool:
 
 
 class NpModel:
-    def __init__(self, weights: dict[str, np.ndarray], config: dict):
-        self.w = weights
+    def __init__(self, weights: Weights | dict[str, np.ndarray], config: dict):
+        # mlx_lm's default for these families when the config does not say
+        tied = config.get("tie_word_embeddings", True)
+        self.weights = weights if isinstance(weights, Weights) else WholeWeights(weights, tied)
         heads = config["num_attention_heads"]
         self.shape = Shape(
             layers=config["num_hidden_layers"], heads=heads,
             kv_heads=config.get("num_key_value_heads", heads),
             head_dim=config.get("head_dim") or config["hidden_size"] // heads,
             eps=config.get("rms_norm_eps", 1e-6), theta=config.get("rope_theta", 10000.0),
-            tied=config.get("tie_word_embeddings", False),
-            qk_norm="model.layers.0.self_attn.q_norm.weight" in weights,
+            tied=tied, qk_norm="model.layers.0.self_attn.q_norm.weight" in self.weights,
         )
+
+    @property
+    def overrides(self) -> dict:
+        """Weight key -> array or row-wise function applied when it is read (npweights)."""
+        return self.weights.overrides
 
     @classmethod
     def from_mlx(cls, model, config: dict) -> NpModel:
@@ -66,11 +83,13 @@ class NpModel:
                 weights[f"{path}.weight"] = np.array(w.astype(mx.float32))
             elif isinstance(module, (nn.Linear, nn.Embedding, nn.RMSNorm)):
                 weights[f"{path}.weight"] = np.array(module.weight.astype(mx.float32))
+            if isinstance(module, (nn.Linear, nn.QuantizedLinear)) and "bias" in module:
+                weights[f"{path}.bias"] = np.array(module.bias.astype(mx.float32))
         return cls(weights, config)
 
     @classmethod
     def load(cls, path: str | Path) -> tuple[NpModel, object]:
-        """(model, tokenizer) of an MLX or HF checkpoint folder, through mlx_lm."""
+        """(model, tokenizer) of an MLX or HF checkpoint folder, through mlx_lm, whole."""
         import json
 
         from mlx_lm import load
@@ -79,65 +98,106 @@ class NpModel:
         config = json.loads((Path(path) / "config.json").read_text())
         return cls.from_mlx(model, config), tokenizer
 
+    @classmethod
+    def stream(cls, path: str | Path) -> tuple[NpModel, object]:
+        """(model, tokenizer) of a float safetensors checkpoint, its weights read on
+        demand (never the whole model in memory; no MLX arrays at all)."""
+        from mlx_lm.utils import load_config, load_tokenizer
+
+        from .sources.checkpoint import open_checkpoint
+
+        ckpt = open_checkpoint(path)
+        if not supports(ckpt.config):
+            raise ValueError(f"the numpy model runs {', '.join(SUPPORTED)} without rope "
+                             f"scaling; {path} is {ckpt.config.get('model_type')!r}")
+        tied = ckpt.config.get("tie_word_embeddings", True)
+        eos = load_config(Path(path)).get("eos_token_id")
+        tokenizer = load_tokenizer(Path(path), eos_token_ids=eos)
+        return cls(StreamedWeights(ckpt, tied), ckpt.config), tokenizer
+
     # -- forward ---------------------------------------------------------------
 
-    def head_weight(self) -> tuple[str, np.ndarray]:
-        if self.shape.tied or "lm_head.weight" not in self.w:
-            return "model.embed_tokens#head", self.w["model.embed_tokens.weight"]
-        return "lm_head", self.w["lm_head.weight"]
+    def head_name(self) -> str:
+        """The head's hook path: the tied embedding's is "model.embed_tokens#head"."""
+        key = self.weights.head_key()
+        return "lm_head" if key == "lm_head.weight" else "model.embed_tokens#head"
 
     def forward(self, tokens: np.ndarray, cache: list | None = None,
-                valid: np.ndarray | None = None, hook: Hook | None = None) -> np.ndarray:
-        """Logits [B, T, V] for tokens [B, T]. `cache` (from new_cache) is extended in
-        place; `valid` [B, S_total] marks real (not padding) positions so far."""
+                valid: np.ndarray | None = None, hook: Hook | None = None,
+                logits: str = "all") -> np.ndarray | None:
+        """Logits [B, T, V] for tokens [B, T] (logits="last": [B, 1, V], only the last
+        position's; "none": no head at all, for hooks). `cache` (from new_cache) is
+        extended in place; `valid` [B, S_total] marks real (not padding) positions."""
         s = self.shape
         b, t = tokens.shape
         past = cache[0][0].shape[2] if cache and cache[0][0] is not None else 0
         if valid is None:
             valid = np.ones((b, past + t), dtype=bool)
         positions = np.cumsum(valid, axis=1)[:, past:] - 1  # per row, skipping padding
-        h = self.w["model.embed_tokens.weight"][tokens]
+        h = self.weights.embed(tokens)
         cos, sin = _rope(positions, s.head_dim, s.theta)
         mask = _mask(valid, past, t)
         for i in range(s.layers):
-            p = f"model.layers.{i}"
-            x = _rms(h, self.w[f"{p}.input_layernorm.weight"], s.eps)
-            q = self._linear(f"{p}.self_attn.q_proj", x, hook)
-            k = self._linear(f"{p}.self_attn.k_proj", x, hook)
-            v = self._linear(f"{p}.self_attn.v_proj", x, hook)
-            q = q.reshape(b, t, s.heads, s.head_dim).transpose(0, 2, 1, 3)
-            k = k.reshape(b, t, s.kv_heads, s.head_dim).transpose(0, 2, 1, 3)
-            v = v.reshape(b, t, s.kv_heads, s.head_dim).transpose(0, 2, 1, 3)
-            if s.qk_norm:
-                q = _rms(q, self.w[f"{p}.self_attn.q_norm.weight"], s.eps)
-                k = _rms(k, self.w[f"{p}.self_attn.k_norm.weight"], s.eps)
-            q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
-            if cache is not None:
-                if cache[i][0] is not None:
-                    k = np.concatenate([cache[i][0], k], axis=2)
-                    v = np.concatenate([cache[i][1], v], axis=2)
-                cache[i] = (k, v)
-            attn = _attention(q, k, v, mask, s.heads // s.kv_heads)
-            attn = attn.transpose(0, 2, 1, 3).reshape(b, t, s.heads * s.head_dim)
-            h = h + self._linear(f"{p}.self_attn.o_proj", attn, hook)
-            x = _rms(h, self.w[f"{p}.post_attention_layernorm.weight"], s.eps)
-            gate = self._linear(f"{p}.mlp.gate_proj", x, hook)
-            up = self._linear(f"{p}.mlp.up_proj", x, hook)
-            act = gate / (1.0 + np.exp(-gate)) * up
-            h = h + self._linear(f"{p}.mlp.down_proj", act, hook)
-        x = _rms(h, self.w["model.norm.weight"], s.eps)
-        name, head = self.head_weight()
+            w = self.weights.layer(i)  # read now, dropped when the next layer replaces it
+            h = self._layer(i, w, h, cos, sin, mask, cache, hook)
+            del w
+        x = _rms(h, self.weights.get("model.norm.weight"), s.eps)
         if hook is not None:
-            hook(name, x)
-        return x @ head.T
+            hook(self.head_name(), x)
+        if logits == "none":
+            return None
+        if logits == "last":
+            x = x[:, -1:]
+        return self._head(x)
+
+    def _layer(self, i: int, w: dict[str, np.ndarray], h: np.ndarray, cos, sin, mask,
+               cache: list | None, hook: Hook | None) -> np.ndarray:
+        s = self.shape
+        b, t, _ = h.shape
+        p = f"model.layers.{i}"
+
+        def linear(name: str, x: np.ndarray) -> np.ndarray:
+            if hook is not None:
+                hook(f"{p}.{name}", x)
+            out = x @ w[f"{p}.{name}.weight"].T
+            bias = w.get(f"{p}.{name}.bias")
+            return out if bias is None else out + bias
+
+        x = _rms(h, w[f"{p}.input_layernorm.weight"], s.eps)
+        q = linear("self_attn.q_proj", x)
+        k = linear("self_attn.k_proj", x)
+        v = linear("self_attn.v_proj", x)
+        q = q.reshape(b, t, s.heads, s.head_dim).transpose(0, 2, 1, 3)
+        k = k.reshape(b, t, s.kv_heads, s.head_dim).transpose(0, 2, 1, 3)
+        v = v.reshape(b, t, s.kv_heads, s.head_dim).transpose(0, 2, 1, 3)
+        if s.qk_norm:
+            q = _rms(q, w[f"{p}.self_attn.q_norm.weight"], s.eps)
+            k = _rms(k, w[f"{p}.self_attn.k_norm.weight"], s.eps)
+        q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
+        if cache is not None:
+            if cache[i][0] is not None:
+                k = np.concatenate([cache[i][0], k], axis=2)
+                v = np.concatenate([cache[i][1], v], axis=2)
+            cache[i] = (k, v)
+        attn = _attention(q, k, v, mask, s.heads // s.kv_heads)
+        attn = attn.transpose(0, 2, 1, 3).reshape(b, t, s.heads * s.head_dim)
+        h = h + linear("self_attn.o_proj", attn)
+        x = _rms(h, w[f"{p}.post_attention_layernorm.weight"], s.eps)
+        gate = linear("mlp.gate_proj", x)
+        up = linear("mlp.up_proj", x)
+        act = gate / (1.0 + np.exp(-gate)) * up
+        return h + linear("mlp.down_proj", act)
+
+    def _head(self, x: np.ndarray) -> np.ndarray:
+        """x @ head.T, the head read a row block at a time."""
+        key = self.weights.head_key()
+        out = np.empty((*x.shape[:-1], self.weights.shape(key)[0]), dtype=np.float32)
+        for r0, block in self.weights.row_blocks(key):
+            out[..., r0:r0 + block.shape[0]] = x @ block.T
+        return out
 
     def new_cache(self) -> list:
         return [(None, None) for _ in range(self.shape.layers)]
-
-    def _linear(self, path: str, x: np.ndarray, hook: Hook | None) -> np.ndarray:
-        if hook is not None:
-            hook(path, x)
-        return x @ self.w[f"{path}.weight"].T
 
     # -- generation ------------------------------------------------------------
 
@@ -152,7 +212,7 @@ class NpModel:
             tokens[i, longest - len(p):] = p
             valid[i, longest - len(p):] = True
         cache = self.new_cache()
-        logits = self.forward(tokens, cache, valid)[:, -1]
+        logits = self.forward(tokens, cache, valid, logits="last")[:, -1]
         out: list[list[int]] = [[] for _ in prompts]
         done = np.zeros(b, dtype=bool)
         for _ in range(max_new):
@@ -163,7 +223,7 @@ class NpModel:
             if done.all():
                 break
             valid = np.concatenate([valid, np.ones((b, 1), dtype=bool)], axis=1)
-            logits = self.forward(nxt[:, None], cache, valid)[:, -1]
+            logits = self.forward(nxt[:, None], cache, valid, logits="last")[:, -1]
         return [o[:-1] if o and o[-1] in stop else o for o in out]
 
 

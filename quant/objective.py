@@ -1,11 +1,17 @@
 """The output objective end to end: moments -> candidate output errors -> class gains.
 
 `measure` is what `swan-quant convert` and `swan-serve`'s first load run before
-allocating with the budget recipe: it loads the float model once (npmodel.py),
-lets it write its own text (moments.py), measures every candidate's predicted
+allocating with the budget recipe: it opens the float model streamed from its
+checkpoint (npmodel.py: about one decoder layer in float32 at a time), lets it
+write its own text (moments.py), measures every candidate's predicted
 output error and calibrates the class gains on that text
 (sensitivity.py). Moments given by the caller (an imatrix file) replace the
 self-generated ones; the self-generated text is still used for calibration.
+
+Weight reads per measure (each a full pass over the checkpoint, the head in
+vocabulary blocks): 1 prefill + max_new_tokens decode + 1 recording (moments.py)
++ (classes + 1) calibration passes + 1 for the calibration's predicted errors
+(sensitivity.py); with the defaults and 8 classes, 59 reads.
 
 `weighted` is the budget's objective where the numpy model cannot run (MoE,
 hybrid and GGUF sources) but an imatrix gives the moments: the same predicted
@@ -41,16 +47,18 @@ def measure(model_dir: str | Path, manifest: Manifest, recipe: Recipe,
             options: moments_mod.MomentOptions = moments_mod.DEFAULT_OPTIONS,
             weights: Checkpoint | None = None,
             fold: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]] | None = None,
+            model_and_tokenizer: tuple[NpModel, object] | None = None,
             ) -> tuple[Sensitivity, dict[str, np.ndarray]]:
     """(sensitivity for the budget recipe, the input moments it used).
 
     weights: the checkpoint that will be quantized when it is not model_dir's own
     weights (a pre-scaled view, folded.py); `fold` maps the float model's moments to
     the ones its modules see (d / s^2). Calibration runs on the float model and its
-    own moments (the folded model computes the same function)."""
+    own moments (the folded model computes the same function). The model is streamed
+    from model_dir unless the caller passes one (e.g. NpModel.load's)."""
     ckpt = open_checkpoint(model_dir)
     name_map = name_map or build_name_map(ckpt.config, checkpoint_shapes(ckpt))
-    model, tokenizer = NpModel.load(model_dir)
+    model, tokenizer = model_and_tokenizer or NpModel.stream(model_dir)
     own, sequences = moments_mod.self_generated(model_dir, options,
                                                model_and_tokenizer=(model, tokenizer))
     source = "self-generated"

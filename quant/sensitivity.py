@@ -16,15 +16,18 @@ projection passes through a softmax). `calibrate` measures it per tensor class
 on the model's own text (numpy forward passes, npmodel.py): every module of one
 class at a time is quantized to a probe setting (plain rounding), the mean
 KL(float || quantized) of the next-token distributions is measured, and the
-class gain is KL / (summed predicted error). The knapsack
+class gain is KL / (summed predicted error). The probe goes in as a read-time
+override (npweights.py), so a streamed model never holds more than one layer. The knapsack
 then minimises  sum_m gain[class_m] * error_m(setting)  at the bit budget.
-Cost: (classes + 1) forward passes over the self-generated text.
+Cost: (classes + 1) forward passes over the self-generated text, and one more
+read of the calibrated weights (row blocks) for their predicted errors.
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -109,7 +112,9 @@ def _sample_rows(ckpt: Checkpoint, slot, rows: int, in_dim: int) -> tuple[np.nda
     parts = []
     step = max(stride, (_BLOCK_ELEMENTS // in_dim) // stride * stride)
     for r0 in range(0, rows, step):  # stream; keep every stride-th row
-        parts.append(read_slot_rows(ckpt, slot, r0, min(rows, r0 + step))[::stride])
+        # a copy: a strided view would keep each whole block alive (a 152k-row
+        # embedding's sample then held all of it in float32, 2.5 GB for Qwen3-8B)
+        parts.append(read_slot_rows(ckpt, slot, r0, min(rows, r0 + step))[::stride].copy())
     sample = np.concatenate(parts)
     return sample, rows / sample.shape[0]
 
@@ -196,28 +201,39 @@ def calibrate(model: NpModel, sequences: list[list[int]], name_map: NameMap,
     by_class: dict[str, list[MlxTensor]] = {}
     for t in name_map.quantizable():
         if (t.module in class_of and t.shape[-1] % probe[1] == 0 and len(t.slots) == 1
-                and t.key in model.w):
+                and t.key in model.weights):
             by_class.setdefault(class_of[t.module], []).append(t)
     gains = {}
+    quantize = partial(_probe, bits=probe[0], group=probe[1])
     for cls, tensors in sorted(by_class.items()):
-        saved, predicted = {}, 0.0
-        for t in tensors:
-            w = model.w[t.key]
-            q = quantize_dequantize(w, probe[0], probe[1])
-            diff = q - w
-            imp = importance_of(moments, t, 0)
-            d = np.ones(diff.shape[-1], np.float32) if imp is None else imp
-            predicted += float(np.einsum("ij,ij,j->", diff, diff, d))
-            saved[t.key] = w
-            model.w[t.key] = q
+        predicted = sum(_predicted_error(model, t, moments, quantize) for t in tensors)
+        model.overrides.update({t.key: quantize for t in tensors})
         try:
             quant = _log_probs(model.forward(batch))
         finally:
-            model.w.update(saved)
+            for t in tensors:
+                model.overrides.pop(t.key, None)
         kl = float(np.mean(np.sum(np.exp(reference) * (reference - quant), axis=-1)))
         if predicted > 0:
             gains[cls] = sig(max(kl, 0.0) / predicted, 3)
     return gains
+
+
+def _probe(w: np.ndarray, bits: int, group: int) -> np.ndarray:
+    """Plain round-to-nearest quantize-dequantize (row by row: groups run along rows)."""
+    return quantize_dequantize(w, bits, group)
+
+
+def _predicted_error(model: NpModel, t: MlxTensor, moments: dict[str, np.ndarray],
+                     quantize) -> float:
+    """sum_ij (W - W_hat)_ij^2 d_j of one weight, read a row block at a time."""
+    imp = importance_of(moments, t, 0)
+    total = 0.0
+    for _, w in model.weights.row_blocks(t.key):
+        diff = quantize(w) - w
+        d = np.ones(diff.shape[-1], np.float32) if imp is None else imp
+        total += float(np.einsum("ij,ij,j->", diff, diff, d))
+    return total
 
 
 def _calibration_batch(sequences: list[list[int]], max_tokens: int) -> np.ndarray:
