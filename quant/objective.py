@@ -70,8 +70,9 @@ def measure(model_dir: str | Path, manifest: Manifest, recipe: Recipe,
     seen = fold(own) if fold is not None else own
     errors = candidate_errors(weights or ckpt, name_map, seen, settings, progress=progress)
     class_of = {u.module: u.tensor_class for u in units if u.module in settings}
-    gains = calibrate(model, sequences, name_map, own, class_of)
-    return Sensitivity(errors=errors, class_gain=gains, moments_source=source), seen
+    gains, module_gains = calibrate(model, sequences, name_map, own, class_of)
+    return Sensitivity(errors=errors, class_gain=gains, moments_source=source,
+                       module_gain=module_gains), seen
 
 
 def weighted(ckpt, manifest: Manifest, recipe: Recipe, name_map: NameMap,

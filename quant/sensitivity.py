@@ -16,16 +16,23 @@ projection passes through a softmax). `calibrate` measures it per tensor class
 on the model's own text (numpy forward passes, npmodel.py): every module of one
 class at a time is quantized to a probe setting (plain rounding), the mean
 KL(float || quantized) of the next-token distributions is measured, and the
-class gain is KL / (summed predicted error). The probe goes in as a read-time
-override (npweights.py), so a streamed model never holds more than one layer. The knapsack
-then minimises  sum_m gain[class_m] * error_m(setting)  at the bit budget.
-Cost: (classes + 1) forward passes over the self-generated text, and one more
-read of the calibrated weights (row blocks) for their predicted errors.
+class gain is KL / (summed predicted error). Class gains are measured on the
+layers between the first two and the last one; every module of those edge layers
+is measured alone and gets its own gain, because the residual stream there has
+another scale (in the demo model the first layer's residual is ~1e4x smaller than
+the rest, and its o_proj cost 345x the KL its class gain predicted). The probe
+goes in as a read-time override (npweights.py), so a streamed model never holds
+more than one layer. The knapsack then minimises
+sum_m gain[m] * error_m(setting)  at the bit budget.
+Cost: (classes + 1 + modules of 3 layers) forward passes over the self-generated
+text, and one more read of the calibrated weights (row blocks) for their
+predicted errors.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -42,6 +49,12 @@ from .sources.checkpoint import Checkpoint
 
 Setting = setting_mod.Setting  # (bits, group) affine, or (bits, group, mode)
 PROBE: Setting = (3, 64)  # the setting classes are calibrated at
+# Layers whose modules get their own gain: where the residual stream's scale departs
+# from the rest (the first layers of real models write into a residual ~1e4x smaller
+# than later ones, so one class gain underrates their errors by 100x and more).
+EDGE_FIRST, EDGE_LAST = 2, 1
+_KL_FLOOR = 1e-6  # below this a probe's KL is float32 noise
+_LAYER = re.compile(r"\.layers\.(\d+)\.")
 _SAMPLE_ELEMENTS = 1 << 18  # weights per matrix the candidate errors are measured on
 _BLOCK_ELEMENTS = 1 << 22
 _EXPERT_SAMPLE = 4
@@ -55,9 +68,13 @@ class Sensitivity:
     # tensor class -> KL (nats per token) per unit of predicted error
     class_gain: dict[str, float] = field(default_factory=dict)
     moments_source: str = ""
+    # module -> its own gain (edge layers, see calibrate); beats the class gain
+    module_gain: dict[str, float] = field(default_factory=dict)
 
     def loss(self, module: str, tensor_class: str, setting: Setting) -> float:
-        gain = self.class_gain.get(tensor_class, self.default_gain())
+        gain = self.module_gain.get(module)
+        if gain is None:
+            gain = self.class_gain.get(tensor_class, self.default_gain())
         return gain * self.errors[module][setting]
 
     def default_gain(self) -> float:
@@ -68,6 +85,7 @@ class Sensitivity:
         data = {
             "moments_source": self.moments_source,
             "class_gain": dict(sorted(self.class_gain.items())),
+            "module_gain": dict(sorted(self.module_gain.items())),
             "errors": {m: {setting_mod.label(s): e for s, e in sorted(errs.items(), key=str)}
                        for m, errs in sorted(self.errors.items())},
         }
@@ -79,7 +97,8 @@ class Sensitivity:
         errors = {m: {setting_mod.parse(k): e for k, e in errs.items()}
                   for m, errs in data["errors"].items()}
         return cls(errors=errors, class_gain=data["class_gain"],
-                   moments_source=data.get("moments_source", ""))
+                   moments_source=data.get("moments_source", ""),
+                   module_gain=data.get("module_gain", {}))
 
 
 def importance_of(moments: dict[str, np.ndarray], tensor: MlxTensor, slot: int
@@ -194,18 +213,17 @@ def relative_mode_errors(ckpt: Checkpoint, name_map: NameMap, mode_names: list[s
 
 def calibrate(model: NpModel, sequences: list[list[int]], name_map: NameMap,
               moments: dict[str, np.ndarray], class_of: dict[str, str],
-              probe: Setting = PROBE, max_tokens: int = 256) -> dict[str, float]:
-    """Per tensor class: mean KL per unit of predicted output error (see module doc)."""
+              probe: Setting = PROBE, max_tokens: int = 256,
+              ) -> tuple[dict[str, float], dict[str, float]]:
+    """(per tensor class, per edge-layer module): KL per unit of predicted output
+    error (see the module doc). Class gains come from the layers between the edges
+    (all layers when there are none between)."""
     batch = _calibration_batch(sequences, max_tokens)
     reference = _log_probs(model.forward(batch))
-    by_class: dict[str, list[MlxTensor]] = {}
-    for t in name_map.quantizable():
-        if (t.module in class_of and t.shape[-1] % probe[1] == 0 and len(t.slots) == 1
-                and t.key in model.weights):
-            by_class.setdefault(class_of[t.module], []).append(t)
-    gains = {}
     quantize = partial(_probe, bits=probe[0], group=probe[1])
-    for cls, tensors in sorted(by_class.items()):
+
+    def gain(tensors: list[MlxTensor]) -> float | None:
+        """KL per unit of predicted error with `tensors` quantized together."""
         predicted = sum(_predicted_error(model, t, moments, quantize) for t in tensors)
         model.overrides.update({t.key: quantize for t in tensors})
         try:
@@ -214,9 +232,41 @@ def calibrate(model: NpModel, sequences: list[list[int]], name_map: NameMap,
             for t in tensors:
                 model.overrides.pop(t.key, None)
         kl = float(np.mean(np.sum(np.exp(reference) * (reference - quant), axis=-1)))
-        if predicted > 0:
-            gains[cls] = sig(max(kl, 0.0) / predicted, 3)
-    return gains
+        if predicted <= 0 or kl < _KL_FLOOR:  # nothing measurable above float noise
+            return None
+        return sig(kl / predicted, 3)
+
+    edges = _edge_layers(model.shape.layers)
+    by_class: dict[str, list[MlxTensor]] = {}
+    edge_modules: list[MlxTensor] = []
+    for t in name_map.quantizable():
+        if (t.module in class_of and t.shape[-1] % probe[1] == 0 and len(t.slots) == 1
+                and t.key in model.weights):
+            by_class.setdefault(class_of[t.module], []).append(t)
+            if _layer_of(t.module) in edges:
+                edge_modules.append(t)
+    class_gains = {}
+    for cls, tensors in sorted(by_class.items()):
+        inner = [t for t in tensors if _layer_of(t.module) not in edges] or tensors
+        g = gain(inner)
+        if g is not None:
+            class_gains[cls] = g
+    module_gains = {}
+    for t in edge_modules:
+        g = gain([t])
+        if g is not None:
+            module_gains[t.module] = g
+    return class_gains, module_gains
+
+
+def _edge_layers(layers: int) -> set[int]:
+    """The first EDGE_FIRST and last EDGE_LAST decoder layers."""
+    return set(range(min(EDGE_FIRST, layers))) | set(range(max(0, layers - EDGE_LAST), layers))
+
+
+def _layer_of(module: str) -> int | None:
+    m = _LAYER.search(module)
+    return int(m.group(1)) if m else None
 
 
 def _probe(w: np.ndarray, bits: int, group: int) -> np.ndarray:
