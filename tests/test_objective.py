@@ -103,6 +103,24 @@ def test_output_plan_meets_the_budget_and_is_deterministic(measured, tmp_path):
     assert (tmp_path / "a.json").read_bytes() == (tmp_path / "b.json").read_bytes()
     sens2, _ = measure(src, manifest, load_recipe("budget"), options=QUICK)
     assert sens2.errors == sens.errors and sens2.class_gain == sens.class_gain
+    assert Sensitivity.load(tmp_path / "s.json").module_gain == sens.module_gain
+
+
+def test_edge_layer_modules_get_their_own_gain():
+    """The demo model's first residual is tiny: its layer-0 o_proj costs far more KL per
+    unit of predicted error than the o_proj of the middle layers (the class gain), and
+    the gain it gets alone is what the budget uses for it."""
+    src = Path(DEMO_MODEL_DIR)
+    manifest = analyze_checkpoint(src, progress=False)
+    sens, _ = measure(src, manifest, load_recipe("budget"), options=QUICK)
+    layers = open_checkpoint(src).config["num_hidden_layers"]
+    edge = {0, 1, layers - 1}
+    assert {int(m.split(".")[2]) for m in sens.module_gain} <= edge
+    assert all(int(m.split(".")[2]) in edge for m in sens.module_gain)
+    o0 = "model.layers.0.self_attn.o_proj"
+    assert sens.module_gain[o0] > 10 * sens.class_gain["attention_o"]
+    setting = next(iter(sens.errors[o0]))
+    assert sens.loss(o0, "attention_o", setting) == sens.module_gain[o0] * sens.errors[o0][setting]
 
 
 SMOLLM2 = Path(os.environ.get("SWAN_SMOLLM2_DIR",
