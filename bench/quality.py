@@ -310,6 +310,11 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _kl(value: float) -> str:
+    """Four decimals, or three significant digits below 0.001 (the high-bit rows)."""
+    return f"{value:.4f}" if value >= 1e-3 or value == 0 else f"{value:.3g}"
+
+
 def _table(name: str, model: Path, ref_figures, figures, results, same_bits: bool = True,
            ) -> str:
     """same_bits: divide 3-bit rows (3.5 bpw budgets, uniform 3-bit) by uniform 3-bit's KL
@@ -327,8 +332,8 @@ def _table(name: str, model: Path, ref_figures, figures, results, same_bits: boo
     for label, (bpw, size) in figures.items():
         r = results[label]
         base = base3 if ("3.5" in label or "3-bit" in label) else base4
-        body.append([label, f"{bpw:.3f}", f"{size / 1e6:.1f}", f"{r['kl']:.4f}",
-                     f"{r['kl_p99']:.4f}", f"{r['kl'] / base:.2f}x", f"{r['ppl']:.3f}",
+        body.append([label, f"{bpw:.3f}", f"{size / 1e6:.1f}", _kl(r["kl"]),
+                     _kl(r["kl_p99"]), f"{r['kl'] / base:.2f}x", f"{r['ppl']:.3f}",
                      f"{100 * r['top1']:.2f}%"])
     widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
     fmt = lambda row: "| " + " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) + " |"  # noqa: E731
