@@ -10,8 +10,9 @@ self-generated ones; the self-generated text is still used for calibration.
 
 Weight reads per measure (each a full pass over the checkpoint, the head in
 vocabulary blocks): 1 prefill + max_new_tokens decode + 1 recording (moments.py)
-+ (classes + 1) calibration passes + 1 for the calibration's predicted errors
-(sensitivity.py); with the defaults and 8 classes, 59 reads.
++ (classes + 1 + the modules of 3 edge layers) calibration passes + 1 for the
+calibration's predicted errors (sensitivity.py); with the defaults, 8 classes and 7
+modules per layer, 80 reads.
 
 `weighted` is the budget's objective where the numpy model cannot run (MoE,
 hybrid and GGUF sources) but an imatrix gives the moments: the same predicted
