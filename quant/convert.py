@@ -18,6 +18,7 @@ import os
 import shutil
 import tempfile
 import threading
+import weakref
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -175,11 +176,30 @@ def source_dtype(ckpt: Checkpoint, tensor: MlxTensor) -> str:
     return _CHECKPOINT_DTYPES[ckpt.info(tensor.sources[0]).dtype]
 
 
+def float32_checkpoint(ckpt: Checkpoint) -> bool:
+    """Whether the source is a float32 checkpoint: every matrix float32. Then scales,
+    biases and float tensors are written in float16 (the 16 bits the plan counts). A
+    GGUF's small or re-stacked tensors come back float32 inside an otherwise 16-bit
+    model; those stay float32, as Qwen3.5's A_log does in a bf16 checkpoint."""
+    found = _FLOAT32_SOURCE.get(ckpt)
+    if found is None:
+        matrices = [t for t in ckpt.tensors if len(t.shape) >= 2]
+        found = bool(matrices) and all(t.dtype in ("F32", "F64") for t in matrices)
+        _FLOAT32_SOURCE[ckpt] = found
+    return found
+
+
+_FLOAT32_SOURCE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def storage_dtype(ckpt: Checkpoint, tensor: MlxTensor) -> str:
     """The dtype scales/biases (or float weights) are stored in: the source's, but
-    float16 for a float32 source, so the bytes written are the 16 bits per scale,
+    float16 for a float32 checkpoint, so the bytes written are the 16 bits per scale,
     bias and float weight that the plan's bits per weight count."""
-    return _STORED.get(source_dtype(ckpt, tensor), "float16")
+    dtype = source_dtype(ckpt, tensor)
+    if dtype == "float32" and not float32_checkpoint(ckpt):
+        return dtype
+    return _STORED.get(dtype, "float16")
 
 
 class _Writer:
@@ -195,8 +215,7 @@ class _Writer:
         self.moments: dict[str, np.ndarray] = {}
         # A float32 checkpoint is written in float16 throughout, as its plan counts it;
         # float32 tensors of a 16-bit checkpoint (Qwen3.5's A_log) are kept as they are.
-        weights = [t for t in name_map.tensors if t.quantizable]
-        self.f32_source = bool(weights) and source_dtype(ckpt, weights[0]) == "float32"
+        self.f32_source = float32_checkpoint(ckpt)
 
     def outputs(self) -> list[tuple[MlxTensor, list[OutTensor]]]:
         out = []
