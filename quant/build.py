@@ -226,6 +226,10 @@ def quantize_model(
     finally:
         if staged_manifest is not None:
             staged_manifest.unlink(missing_ok=True)
+    if source is not model_dir:  # pre-scaled: keep the factors, for swan-quant validate
+        from .folded import FOLDS_FILE, save_folds
+
+        save_folds(source, out_dir / FOLDS_FILE)
     verify_generates(out_dir)
     return result
 

@@ -14,12 +14,17 @@ off sanitize itself, by passing it zeros and ones, so the stored value becomes
 (c + w) / s - c and the folded model stays exact; a norm whose sanitize is not
 w + c is not folded.
 
-`fold_moments` gives the moments the scaled modules see: d / s^2.
+`fold_moments` gives the moments the scaled modules see: d / s^2. `save_folds`
+writes the factors beside a converted checkpoint (FOLDS_FILE) and `load_folds`
+applies them to another view of the same source, so `swan-quant validate` can
+compare a pre-scaled build with its float source folded the same way.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 from pathlib import Path
 
 import mlx.core as mx
@@ -31,6 +36,9 @@ from .prescale import DEFAULT_SETTING, GroupScale, Method, SearchSetting, group_
 from .sources.checkpoint import Checkpoint, Rows, _rows_index, open_checkpoint
 
 _MX_DTYPES = {"BF16": mx.bfloat16, "F16": mx.float16, "F32": mx.float32, "F64": mx.float32}
+
+
+FOLDS_FILE = "swan-folds.npz"  # not *.safetensors: loaders glob those as weights
 
 
 class FoldError(ValueError):
@@ -218,3 +226,35 @@ def describe(view: FoldedCheckpoint) -> str:
     after = sum(g.error for g in chosen.values())
     saved = f", weighted error {after / before:.3f}x of unscaled" if before else ""
     return f"pre-scaled {len(scaled)} of {len(chosen)} fold groups{saved}"
+
+
+def save_folds(view: FoldedCheckpoint, path: Path) -> None:
+    """The view's factors (HF tensor name -> column, row or norm factors, and each
+    norm's stored offset), written whole or not at all."""
+    arrays = {f"cols|{n}": v for n, v in view.cols.items()}
+    arrays.update({f"rows|{n}": v for n, v in view.rows.items()})
+    arrays.update({f"norms|{n}": s for n, (s, _) in view.norms.items()})
+    offsets = {n: float(offset) for n, (_, offset) in view.norms.items()}
+    staging = path.with_name(f".{path.name}.{os.getpid()}.tmp.npz")
+    try:
+        np.savez(staging, norm_offsets=np.array(json.dumps(offsets)),
+                 **{k: np.asarray(v, np.float32) for k, v in arrays.items()})
+        os.replace(staging, path)
+    finally:
+        staging.unlink(missing_ok=True)
+
+
+def load_folds(path: Path, base: Checkpoint) -> FoldedCheckpoint:
+    """`base` (the float source a build was made from) with that build's folds."""
+    with np.load(path, allow_pickle=False) as data:
+        offsets = json.loads(str(data["norm_offsets"]))
+        tables: dict[str, dict[str, np.ndarray]] = {"cols": {}, "rows": {}, "norms": {}}
+        for key in data.files:
+            kind, _, name = key.partition("|")
+            if kind in tables:
+                tables[kind][name] = data[key]
+    missing = [n for table in tables.values() for n in table if n not in base]
+    if missing:
+        raise FoldError(f"{path.name} names {missing[0]}, which the reference does not have")
+    norms = {n: (s, offsets[n]) for n, s in tables["norms"].items()}
+    return FoldedCheckpoint(base, tables["cols"], tables["rows"], norms)

@@ -88,6 +88,7 @@ class Report:
     tensors: list[TensorResult] = field(default_factory=list)
     only_in_quant: list[str] = field(default_factory=list)
     only_in_reference: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def failed(self) -> list[TensorResult]:
@@ -116,7 +117,7 @@ class Report:
                 "passed": self.passed, "groups": self.groups(),
                 "failed": [t.key for t in self.failed],
                 "only_in_quant": self.only_in_quant, "only_in_reference": self.only_in_reference,
-                "tensors": [asdict(t) for t in self.tensors]}
+                "notes": self.notes, "tensors": [asdict(t) for t in self.tensors]}
 
 
 def cosine(a: TensorView, b: TensorView, on_rows=None) -> tuple[float, float]:
@@ -158,9 +159,18 @@ def compare(q: TensorView, r: TensorView, threshold: float, on_rows=None) -> Ten
 def validate(quant: str | Path, reference: str | Path, threshold: float = DEFAULT_THRESHOLD,
              progress: bool = True) -> Report:
     """Compare every MLX parameter of QUANT with REF's."""
+    from .folded import FOLDS_FILE
+
     _, q_views = open_side(quant)
-    _, r_views = open_side(reference)
-    report = Report(str(quant), str(reference), threshold,
+    folds = Path(quant).expanduser() / FOLDS_FILE
+    folds = folds if folds.is_file() else None
+    r_kind, r_views = open_side(reference, folds=folds)
+    notes = []
+    if folds is not None:
+        notes.append(f"QUANT was pre-scaled ({FOLDS_FILE}): " + (
+            "the reference is read with the same factors folded in" if r_kind == "source"
+            else "an MLX reference cannot be refolded, so rescaled tensors will differ"))
+    report = Report(str(quant), str(reference), threshold, notes=notes,
                     only_in_quant=sorted(set(q_views) - set(r_views)),
                     only_in_reference=sorted(set(r_views) - set(q_views)))
     common = sorted(set(q_views) & set(r_views))
@@ -177,7 +187,7 @@ def _fmt(c: float | None) -> str:
 
 def format_report(report: Report) -> str:
     """The terminal table: per group, then the failing and one-side-only tensors."""
-    lines = [f"{'group':<20} {'tensors':>7} {'min cos':>9} {'mean cos':>9}  result"]
+    lines = [*report.notes, f"{'group':<20} {'tensors':>7} {'min cos':>9} {'mean cos':>9}  result"]
     for g in report.groups():
         lines.append(f"{g['group']:<20} {g['tensors']:>7} {_fmt(g['min_cosine']):>9} "
                      f"{_fmt(g['mean_cosine']):>9}  {'PASS' if g['passed'] else 'FAIL'}")

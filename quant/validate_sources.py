@@ -175,8 +175,10 @@ def _quantized_view(key: str, w: _Stored, stored: dict[str, _Stored], s: dict) -
 # --- source checkpoints (HF safetensors, GGUF) --------------------------------------------
 
 
-def source_side(path: Path, progress: bool = False) -> dict[str, TensorView]:
-    """The MLX parameters a source checkpoint becomes, as mlx_lm's loader would build them."""
+def source_side(path: Path, progress: bool = False, folds: Path | None = None,
+                ) -> dict[str, TensorView]:
+    """The MLX parameters a source checkpoint becomes, as mlx_lm's loader would build them;
+    with `folds` (a pre-scaled build's FOLDS_FILE), with that build's factors folded in."""
     from .mlx_names import (
         build_model,
         build_name_map,
@@ -187,6 +189,10 @@ def source_side(path: Path, progress: bool = False) -> dict[str, TensorView]:
     from .sources.checkpoint import open_checkpoint
 
     ckpt = open_checkpoint(path)
+    if folds is not None:
+        from .folded import load_folds
+
+        ckpt = load_folds(folds, ckpt)
     model = build_model(ckpt.config)
     name_map = build_name_map(ckpt.config, checkpoint_shapes(ckpt), model)
     floats = float_tensors(ckpt, name_map, model)  # lazy
@@ -221,9 +227,11 @@ def _source_storage(ckpt, sources: tuple[str, ...]) -> tuple[str, bool]:
     return "+".join(types), set(types) <= _GGUF_FLOAT_TYPES
 
 
-def open_side(path: str | Path) -> tuple[str, dict[str, TensorView]]:
-    """("mlx" | "source", views) for a model folder or GGUF file."""
+def open_side(path: str | Path, folds: Path | None = None
+              ) -> tuple[str, dict[str, TensorView]]:
+    """("mlx" | "source", views) for a model folder or GGUF file; a source is read with
+    `folds` applied when given (an MLX checkpoint cannot be: it is already quantized)."""
     root = Path(path).expanduser()
     if root.is_dir() and is_mlx_checkpoint(root):
         return "mlx", mlx_side(root)
-    return "source", source_side(root)
+    return "source", source_side(root, folds=folds)

@@ -184,6 +184,17 @@ def test_swan_quant_convert_with_moments_uses_awq(tmp_path, capsys) -> None:
     awq, plain = (mx.load(str(d / "model.safetensors")) for d in (out, flat))
     norms = [k for k in plain if k.endswith("layernorm.weight")]
     assert norms and any(not mx.array_equal(awq[k], plain[k]).item() for k in norms)
+    # validate refolds the float source with the build's factors: the folded norms then
+    # equal the reference's exactly; without the factors they cannot
+    from swan_serve.quant.folded import FOLDS_FILE
+    from swan_serve.quant.validate import validate
+
+    assert (out / FOLDS_FILE).is_file() and not (flat / FOLDS_FILE).exists()
+    report = validate(out, DEMO_MODEL_DIR, threshold=0.99, progress=False)
+    assert report.passed and report.notes, [t.key for t in report.failed]
+    (out / FOLDS_FILE).unlink()
+    unfolded = validate(out, DEMO_MODEL_DIR, threshold=0.99, progress=False)
+    assert {t.key for t in unfolded.failed} & set(norms)
 
 
 def test_bad_moments_file_is_one_line_error(tmp_path, capsys) -> None:
