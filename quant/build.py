@@ -20,7 +20,7 @@ import numpy as np
 from .cache import ModelCache, entry_key
 from .progress import ProgressCallback
 from .recipe import DEFAULT_RECIPE, DEFAULT_TARGET_BPW, Recipe, load_recipe
-from .sources.checkpoint import CheckpointError, open_checkpoint
+from .sources.checkpoint import Checkpoint, CheckpointError, open_checkpoint
 from .sources.resolve import ResolvedModel, ResolveError, read_config, resolve_model
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tiktoken.model", "vocab.json")
@@ -118,7 +118,7 @@ def prepare_build(model: str, options: BuildOptions | None = None) -> PreparedBu
         "analysis_config": options.analysis_config,
     }
     if options.imatrix is not None:  # a different imatrix is a different build
-        identity["imatrix_sha256"] = _imatrix_digest(options.imatrix)
+        identity["imatrix_sha256"] = _input_digest(options.imatrix, "imatrix")
     identity.update(_prescale_identity(options))
     key = entry_key(resolved.source, resolved.revision, identity)
     cache = ModelCache(options.cache_dir)
@@ -175,19 +175,19 @@ def quantize_model(
     if recipe == "keep":  # a GGUF's own grid carried over: no analysis, no budget
         return _keep_model(model_dir, out_dir, force, progress, on_progress)
     recipe = recipe if isinstance(recipe, Recipe) else _load_recipe(recipe)
-    ckpt = open_checkpoint(model_dir)
+    base = open_checkpoint(model_dir)
     given = moments  # read first: a file for another model fails before minutes of analysis
     if imatrix is not None:
-        name_map = build_name_map(ckpt.config, checkpoint_shapes(ckpt))
-        given = {**(moments or {}), **_read_imatrix(imatrix, ckpt, name_map, log)}
-    source, fold = _prescaled_source(model_dir, prescale, given, target_bpw, progress)
+        name_map = build_name_map(base.config, checkpoint_shapes(base))
+        given = {**(moments or {}), **_read_imatrix(imatrix, base, name_map, log)}
+    # what is quantized: the source, or its pre-scaled view (folded.py)
+    ckpt, fold = _prescaled_source(base, prescale, given, target_bpw, progress)
     moments = fold(given) if given is not None else None  # what the (folded) modules see
     if manifest_path is not None:
         manifest = Manifest.load(manifest_path)
     else:
-        manifest = analyze_checkpoint(source, load_config(analysis_config), progress=progress,
+        manifest = analyze_checkpoint(ckpt, load_config(analysis_config), progress=progress,
                                       on_progress=on_progress, moments=moments)
-    ckpt = open_checkpoint(source)
     name_map = build_name_map(ckpt.config, checkpoint_shapes(ckpt))
     sensitivity = None
     from .npmodel import supports
@@ -220,16 +220,16 @@ def quantize_model(
         staged_manifest = out_dir.parent / f".{out_dir.name}.manifest.json"
         manifest.save(staged_manifest)
     try:
-        result = convert(source, out_dir, plan, force=force, progress=progress,
+        result = convert(ckpt, out_dir, plan, force=force, progress=progress,
                          manifest_path=manifest_path or staged_manifest, on_progress=on_progress,
                          moments=moments)
     finally:
         if staged_manifest is not None:
             staged_manifest.unlink(missing_ok=True)
-    if source is not model_dir:  # pre-scaled: keep the factors, for swan-quant validate
+    if ckpt is not base:  # pre-scaled: keep the factors, for swan-quant validate
         from .folded import FOLDS_FILE, save_folds
 
-        save_folds(source, out_dir / FOLDS_FILE)
+        save_folds(ckpt, out_dir / FOLDS_FILE)
     verify_generates(out_dir)
     return result
 
@@ -251,13 +251,14 @@ def _read_imatrix(path: str | Path, ckpt, name_map, log: Callable[[str], None] |
     return found.moments
 
 
-def _imatrix_digest(path: str) -> str:
-    from .sources.imatrix import file_digest
+def _input_digest(path: str, what: str) -> str:
+    """A build input file's sha256, for the cache key; one line if it cannot be read."""
+    from .cache import file_digest
 
     try:
-        return file_digest(Path(path).expanduser())
+        return file_digest(path)
     except OSError as exc:
-        raise BuildError(f"cannot read imatrix {path}: {exc.strerror or exc}") from None
+        raise BuildError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
 
 
 def _prescale_inputs(options: BuildOptions) -> tuple[dict | None, str | None]:
@@ -275,14 +276,11 @@ def _prescale_inputs(options: BuildOptions) -> tuple[dict | None, str | None]:
 def _prescale_identity(options: BuildOptions) -> dict:
     """Cache-key fields for moments and pre-scaling; none when neither is used, so the
     keys of existing builds stay as they were."""
-    from .prescale_options import file_digest, prescale_choice
+    from .prescale_options import prescale_choice
 
     out: dict = {}
     if options.moments_file:
-        try:
-            out["moments"] = file_digest(options.moments_file)
-        except OSError as exc:
-            raise BuildError(f"cannot read moments file {options.moments_file}: {exc}") from None
+        out["moments"] = _input_digest(options.moments_file, "moments file")
     prescale = prescale_choice(bool(options.moments_file or options.imatrix), options.no_awq,
                                options.equalize)
     if prescale:
@@ -290,20 +288,21 @@ def _prescale_identity(options: BuildOptions) -> dict:
     return out
 
 
-def _prescaled_source(model_dir: Path, prescale: str | None, moments: dict | None,
+def _prescaled_source(ckpt: Checkpoint, prescale: str | None, moments: dict | None,
                       target_bpw: float | None, progress: bool):
-    """(what to quantize: model_dir or its folded view, moments -> what the modules see)."""
+    """(what to quantize: the checkpoint or its folded view, moments -> what the modules
+    see)."""
     if prescale is None:
-        return model_dir, lambda m: m
+        return ckpt, lambda m: m
     from .folded import describe, fold_moments, prescaled
     from .prescale import setting_for
 
     if prescale == "awq" and not moments:
         raise BuildError("AWQ pre-scaling needs input moments (an imatrix); "
                          "use --equalize or --no-awq without one")
-    if moments and not any(name in open_checkpoint(model_dir) for name in moments):
+    if moments and not any(name in ckpt for name in moments):
         raise BuildError("the moments name no weight of this model (made for another model?)")
-    view = prescaled(model_dir, prescale, moments, setting_for(target_bpw))
+    view = prescaled(ckpt, prescale, moments, setting_for(target_bpw))
     if progress:
         print(f"{prescale}: {describe(view)}")
     return view, lambda m: fold_moments(m, view)

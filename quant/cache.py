@@ -71,6 +71,15 @@ def entry_key(source: str, revision: str, recipe: dict) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+def file_digest(path: str | Path) -> str:
+    """sha256 of a file's bytes: how a build keys an input file (an imatrix, moments)."""
+    digest = hashlib.sha256()
+    with open(Path(path).expanduser(), "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def _slug(source: str) -> str:
     name = source.rstrip("/").split("/")[-1] if "/" in source else source
     return re.sub(r"[^A-Za-z0-9._-]+", "-", name)[:48] or "model"

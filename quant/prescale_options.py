@@ -8,7 +8,6 @@ better at equal bytes, README "Pre-scaling").
 
 from __future__ import annotations
 
-import hashlib
 import zipfile
 from pathlib import Path
 from typing import Literal
@@ -46,10 +45,11 @@ def prescale_choice(has_moments: bool, no_awq: bool = False, equalize: bool = Fa
 
 def load_moments_file(path: str | Path) -> dict[str, np.ndarray]:
     """{HF weight name: float32 [in] or [n_experts, in]} from an .npz file."""
+    from .moments import load
+
     path = Path(path).expanduser()
     try:
-        with np.load(path) as data:
-            out = {k: np.asarray(data[k], dtype=np.float32) for k in sorted(data.files)}
+        out = load(path)  # the reader of what moments.save writes
     except (OSError, ValueError, zipfile.BadZipFile) as exc:
         raise MomentsFileError(f"cannot read moments file {path}: {exc}") from None
     bad = [k for k, v in out.items() if v.ndim not in (1, 2) or not np.all(np.isfinite(v))
@@ -59,12 +59,3 @@ def load_moments_file(path: str | Path) -> dict[str, np.ndarray]:
             else "it holds no arrays"
         raise MomentsFileError(f"bad moments file {path}: {what}")
     return out
-
-
-def file_digest(path: str | Path) -> str:
-    """sha256 of a file, so a cached build made with other moments is not reused."""
-    digest = hashlib.sha256()
-    with open(Path(path).expanduser(), "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()

@@ -25,7 +25,6 @@ test-only dependency.
 
 from __future__ import annotations
 
-import hashlib
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,15 +55,6 @@ class ImatrixFile:
     entries: dict[str, ImatrixEntry]  # GGUF tensor name -> sums
     datasets: tuple[str, ...] = ()
     chunk_count: int | None = None
-
-
-def file_digest(path: str | Path) -> str:
-    """sha256 of the file's bytes: what the build cache keys an imatrix by."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def read_imatrix(path: str | Path) -> ImatrixFile:
