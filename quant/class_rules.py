@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import re
 
+from . import modes
 from .affine import SUPPORTED_BITS
-from .plan import MODE_BITS, MODE_GROUP_SIZE, Decision
+from .plan import Decision
 from .recipe import ClassRule, Recipe
 
 _GROUP_FALLBACK = (64, 32, 128)
@@ -69,11 +70,11 @@ def decide(module: str, params: int, in_dim: int, tensor_class: str, recipe: Rec
         return Decision(**base, reason=f"{recipe.name}: no rule selects {tensor_class}:{role}")
     why = f"{recipe.name}: {tensor_class}:{role} -> {rule.bits}"
     if rule.mode != "affine":
-        group = MODE_GROUP_SIZE[rule.mode]
+        group = modes.GROUP_SIZE[rule.mode]
         if in_dim % group:
             return Decision(**base, reason=f"{why}; {rule.mode} groups of {group} do not "
                                            f"divide input {in_dim}")
-        return Decision(**base, bits=MODE_BITS[rule.mode], group_size=group, mode=rule.mode,
+        return Decision(**base, bits=modes.BITS[rule.mode], group_size=group, mode=rule.mode,
                         reason=f"{recipe.name}: {tensor_class}:{role} -> {rule.mode}")
     bits = rule_bits(rule, table.bits)
     if bits is None:

@@ -16,7 +16,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .affine import bits_per_weight
+from . import settings
 
 PLAN_VERSION = 1
 FLOAT_BITS = 16.0  # what an unquantized weight counts for in bpw figures
@@ -24,8 +24,6 @@ PLAN_FILE = "swan-plan.json"
 # MLX quantization modes: affine (codes + scale + bias per group) and the
 # microscaling float formats (FP4/FP8 codes + one 8-bit scale per group, no bias).
 Mode = Literal["affine", "mxfp4", "mxfp8", "nvfp4"]
-MODE_GROUP_SIZE = {"mxfp4": 32, "mxfp8": 32, "nvfp4": 16}  # fixed by each format
-MODE_BITS = {"mxfp4": 4, "mxfp8": 8, "nvfp4": 4}
 _DERIVED = ("achieved_bpw", "total_params", "settings")  # written for readers, not read back
 
 
@@ -51,9 +49,7 @@ class Decision(BaseModel):
     def bpw(self) -> float:
         if self.bits is None or self.group_size is None:
             return FLOAT_BITS
-        if self.mode != "affine":  # one 8-bit scale per group, no bias
-            return self.bits + 8.0 / self.group_size
-        return bits_per_weight(self.bits, self.group_size)
+        return settings.bpw(settings.make(self.bits, self.group_size, self.mode))
 
 
 class Plan(BaseModel):
