@@ -66,30 +66,25 @@ def moe_model(cache: Path, experts: int, hidden: int, intermediate: int) -> Path
 
 def run_analyze(model: Path, out: Path, extra: list[str]) -> dict:
     """Run the CLI in a child; return wall, cpu and peak RSS of that child."""
-    command = [
-        sys.executable,
-        "-m",
-        "swan_serve.quant.cli",
-        "analyze",
-        str(model),
-        "-o",
-        str(out),
-        "--no-progress",
-        *extra,
-    ]
+    command = [sys.executable, "-m", "swan_serve.quant.cli", "analyze", str(model),
+               "-o", str(out), "--no-progress", *extra]
+    return run_child(command)[0]
+
+
+def run_child(command: list[str]) -> tuple[dict, str]:
+    """Run a child to its end: ({wall_s, cpu_s, peak_rss_gb} of it, its stdout); a child
+    that fails ends the bench with the tail of its stderr. bench/stream.py uses it too."""
     start = time.perf_counter()
     child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     _, status, usage = os.wait4(child.pid, 0)
     wall = time.perf_counter() - start
     stdout, stderr = child.communicate()
     if os.waitstatus_to_exitcode(status) != 0:
-        sys.exit(f"bench: analyze failed: {stderr.decode().strip()}")
+        sys.exit(f"bench: {' '.join(command[2:4])} failed: {stderr.decode().strip()[-2000:]}")
     scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
-    return {
-        "wall_s": wall,
-        "cpu_s": usage.ru_utime + usage.ru_stime,
-        "peak_rss_gb": usage.ru_maxrss * scale / 1e9,
-    }
+    figures = {"wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime,
+               "peak_rss_gb": usage.ru_maxrss * scale / 1e9}
+    return figures, stdout.decode().strip()
 
 
 def composite_quantiles(manifest: Manifest, preset: str) -> list[float]:

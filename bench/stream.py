@@ -23,11 +23,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+from analyze import run_child  # bench/analyze.py: a child's wall, CPU and peak RSS
 
 from swan_serve.quant.fixtures import write_checkpoint
 from swan_serve.quant.fixtures.tokenizer import shared_dir
@@ -86,21 +86,6 @@ def model_dir(cache: Path, layers: int) -> Path:
     return write_checkpoint(path, "qwen3", config=config, overrides=overrides, progress=True)
 
 
-def run_child(command: list[str]) -> tuple[dict, str]:
-    """Run a child; (wall, cpu, peak RSS of it, its stdout)."""
-    start = time.perf_counter()
-    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(child.pid, 0)
-    wall = time.perf_counter() - start
-    stdout, stderr = child.communicate()
-    if os.waitstatus_to_exitcode(status) != 0:
-        sys.exit(f"bench: {command[2:4]} failed: {stderr.decode().strip()[-2000:]}")
-    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
-    figures = {"wall_s": round(wall, 1), "cpu_s": round(usage.ru_utime + usage.ru_stime, 1),
-               "peak_rss_gb": round(usage.ru_maxrss * scale / 1e9, 2)}
-    return figures, stdout.decode().strip()
-
-
 def layer_gb(config: dict) -> float:
     """float32 GB of one decoder layer's weights."""
     h, i = config["hidden_size"], config["intermediate_size"]
@@ -135,8 +120,8 @@ def main(argv: list[str] | None = None) -> int:
             peak, phases = out.splitlines()[-1].split(" ", 1)
             if peak != "nan":  # the resets hide earlier peaks from ru_maxrss
                 figures["peak_rss_gb"] = float(peak)
-            print(f"{path:<8} {figures['wall_s']:>7} {figures['cpu_s']:>7} "
-                  f"{figures['peak_rss_gb']:>11}  {phases}", flush=True)
+            print(f"{path:<8} {figures['wall_s']:>7.1f} {figures['cpu_s']:>7.1f} "
+                  f"{figures['peak_rss_gb']:>11.2f}  {phases}", flush=True)
     return 0
 
 
