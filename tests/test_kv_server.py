@@ -130,7 +130,8 @@ def test_a_burst_beyond_the_budget_gets_429_never_a_crash(dense: Path) -> None:
         for thread in threads:
             thread.join()
         assert set(statuses) <= {200, 429}, statuses
-        assert 1 <= statuses.count(200) and statuses.count(429) >= 1, statuses
+        assert 200 in statuses, statuses  # some fit the budget
+        assert 429 in statuses, statuses  # and the rest were turned away
         assert retry_after and all(r for r in retry_after)
         # One request that could never fit is refused as such, not queued forever.
         with pytest.raises(openai.BadRequestError):
